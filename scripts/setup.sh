@@ -14,8 +14,11 @@ BPF_LINKER_ROOT="$TOOLS_DIR/bpf-linker-$BPF_LINKER_VERSION-rust-$RUST_TOOLCHAIN"
 # Debian packages: the lab's servers, clients and plumbing, and what the tests drive.
 DEBIAN_PACKAGES=(iproute2 iptables nginx-light wrk curl python3 tcpdump
   libnetfilter-queue1 procps psmisc openssl haproxy)
-# PyPI packages: the OTLP receiver the end-to-end tests export to.
-PYTHON_PACKAGES=(opentelemetry-proto==1.27.0 grpcio==1.66.2 protobuf==4.25.5)
+# PyPI packages: the OTLP receiver the end-to-end tests export to, and the OpenTelemetry SDK
+# clients that test that receiver (googleapis-common-protos pinned so protobuf stays 4.25.5).
+PYTHON_PACKAGES=(opentelemetry-proto==1.27.0 grpcio==1.66.2 protobuf==4.25.5
+  opentelemetry-sdk==1.27.0 opentelemetry-exporter-otlp-proto-grpc==1.27.0
+  opentelemetry-exporter-otlp-proto-http==1.27.0 googleapis-common-protos==1.65.0)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -41,7 +44,8 @@ install_debian_packages() {
 }
 
 install_python_packages() {
-  if python3 -c 'import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc' 2>/dev/null; then
+  if python3 -c 'import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc,
+import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.proto.http' 2>/dev/null; then
     return
   fi
   log "installing Python packages: ${PYTHON_PACKAGES[*]}"
