@@ -1,1 +1,89 @@
-fn main() {}
+//! hoptrace: per-hop latency from the kernel, as OpenTelemetry spans.
+
+mod agent;
+mod check;
+mod clock;
+mod conn_spans;
+mod decode;
+mod ebpf;
+mod export;
+mod kernel_offsets;
+mod scope;
+mod span;
+mod tracefs;
+
+use std::{process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "hoptrace", version, about = "Per-hop latency from the kernel, as OpenTelemetry spans")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Probe what this kernel allows (load, attach and trigger a program per hook kind) and
+    /// print the agent's probe plan. Exits non-zero when a required hook is missing.
+    Check,
+    /// Trace TCP connections (and, as layers land, requests) and export spans.
+    ///
+    /// Export: OTLP when OTEL_EXPORTER_OTLP_ENDPOINT (or --otlp-endpoint) is set, with
+    /// OTEL_EXPORTER_OTLP_PROTOCOL grpc | http/protobuf (default) | http/json; otherwise spans
+    /// print to the terminal. OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_SDK_DISABLED,
+    /// OTEL_TRACES_EXPORTER and OTEL_BSP_* are honored.
+    Agent {
+        /// Observe only this network namespace: a name as `ip netns` shows it, or a path such as
+        /// /proc/PID/ns/net. Repeatable. Default: every namespace.
+        #[arg(long = "netns", value_name = "NAME|PATH")]
+        netns: Vec<String>,
+        /// Observe only sockets of this process id (connecting or listening). Repeatable.
+        #[arg(long = "pid", value_name = "PID")]
+        pids: Vec<u32>,
+        /// Observe only connections with this local or remote TCP port. Repeatable.
+        #[arg(long = "port", value_name = "PORT")]
+        ports: Vec<u16>,
+        /// OTLP endpoint; overrides OTEL_EXPORTER_OTLP_ENDPOINT.
+        #[arg(long, value_name = "URL")]
+        otlp_endpoint: Option<String>,
+        /// OTLP protocol: grpc, http/protobuf or http/json; overrides OTEL_EXPORTER_OTLP_PROTOCOL.
+        #[arg(long, value_name = "PROTOCOL")]
+        otlp_protocol: Option<String>,
+        /// How long stopping may take to flush pending spans, in seconds.
+        #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+        shutdown_timeout: f64,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Check => check::run().map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }),
+        Command::Agent { netns, pids, ports, otlp_endpoint, otlp_protocol, shutdown_timeout } => {
+            let options = agent::AgentOptions {
+                scope_netns: netns,
+                scope_pids: pids,
+                scope_ports: ports,
+                export: export::ExportFlags { endpoint: otlp_endpoint, protocol: otlp_protocol },
+                shutdown_timeout: Duration::from_secs_f64(shutdown_timeout.clamp(0.0, 600.0)),
+                report_interval: Duration::from_secs(10),
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| runtime.block_on(agent::run(options)))
+                .map(|()| ExitCode::SUCCESS)
+        }
+    };
+    outcome.unwrap_or_else(|error| {
+        log::error!("{error:#}");
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,126 @@
+//! `hoptrace agent`: load and attach, then read the ring buffer until told to stop.
+//! load -> decode -> assemble (conn_spans) -> export, each stage its own module.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use aya::maps::RingBuf;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
+use tracer_common::maps::{self, Counter};
+
+use crate::{
+    clock::Clock,
+    conn_spans,
+    decode::{self, Event},
+    ebpf,
+    export::{self, ExportConfig, ExportFlags, SpanSink},
+    scope::Scope,
+};
+
+pub struct AgentOptions {
+    pub scope_netns: Vec<String>,
+    pub scope_pids: Vec<u32>,
+    pub scope_ports: Vec<u16>,
+    pub export: ExportFlags,
+    /// How long Ctrl-C / SIGTERM may take to flush pending spans.
+    pub shutdown_timeout: Duration,
+    /// How often the clock offset is re-sampled and the counters checked.
+    pub report_interval: Duration,
+}
+
+#[derive(Default)]
+struct Counts {
+    records: u64,
+    decode_errors: u64,
+    ringbuf_full_reported: u64,
+}
+
+pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
+    ebpf::require_privilege()?;
+    let scope = Scope::resolve(&options.scope_netns, &options.scope_pids, &options.scope_ports)?;
+    let export_config = ExportConfig::from_env(&options.export).map_err(anyhow::Error::msg)?;
+    let mut object = ebpf::load_agent(&scope)?;
+    let ring = RingBuf::try_from(object.take_map(maps::EVENTS).context("EVENTS map missing")?)?;
+    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until the
+    // AsyncFd is dropped at the end of this function.
+    let mut ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+    let (sink, pipeline) = export::start(&export_config)?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut report = tokio::time::interval(options.report_interval);
+    let mut clock = Clock::sample();
+    let mut counts = Counts::default();
+    log::info!("hoptrace agent ready: observing {}", scope.describe());
+
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), &sink, &clock, &mut counts);
+                guard.clear_ready();
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = report.tick() => {
+                clock = Clock::sample();
+                check_kernel_counters(&object, &mut counts);
+            }
+        }
+    }
+
+    log::info!("stopping: detaching probes and flushing spans");
+    // Detach first so nothing new arrives, then take what the kernel already wrote.
+    let kernel_counters = ebpf::read_counters(&object).ok();
+    drop(object);
+    drain(ring.get_mut(), &sink, &clock, &mut counts);
+    let stats = sink.stats().summary();
+    drop(sink);
+    pipeline.shutdown(options.shutdown_timeout).await;
+    let lost = kernel_counters.map_or(0, |c| ebpf::counter(&c, Counter::RingbufFull));
+    log::info!(
+        "hoptrace agent stopped: {} records, {} undecodable, {lost} lost to a full ring buffer; {stats}",
+        counts.records,
+        counts.decode_errors,
+    );
+    Ok(())
+}
+
+fn drain(ring: &mut RingBuf<aya::maps::MapData>, sink: &SpanSink, clock: &Clock, counts: &mut Counts) {
+    while let Some(record) = ring.next() {
+        counts.records += 1;
+        match decode::decode(&record) {
+            Ok(Event::Conn(event)) => {
+                if let Some(span) = conn_spans::span_for(&event) {
+                    sink.send(&span, clock);
+                }
+            }
+            Err(e) => {
+                if counts.decode_errors == 0 {
+                    log::warn!("undecodable ring-buffer record (counted, skipped): {e}");
+                }
+                counts.decode_errors += 1;
+            }
+        }
+    }
+}
+
+/// Reports new ring-buffer drops: the kernel never blocks on a full buffer, it counts.
+fn check_kernel_counters(object: &aya::Ebpf, counts: &mut Counts) {
+    let Ok(counters) = ebpf::read_counters(object) else { return };
+    let full = ebpf::counter(&counters, Counter::RingbufFull);
+    if full > counts.ringbuf_full_reported {
+        log::warn!(
+            "ring buffer full: {} events lost since the last report ({full} in total)",
+            full - counts.ringbuf_full_reported
+        );
+        counts.ringbuf_full_reported = full;
+    }
+    let unreadable = ebpf::counter(&counters, Counter::KernelReadFailed);
+    if unreadable > 0 {
+        log::debug!("{unreadable} socket reads failed in the kernel (skipped)");
+    }
+}

@@ -1,0 +1,92 @@
+//! The embedded default exporter: one readable line per span on stdout, for the demo and for a
+//! first look without a collector.
+
+use std::{
+    io::Write as _,
+    sync::atomic::{AtomicBool, Ordering},
+    time::UNIX_EPOCH,
+};
+
+use opentelemetry::{Value, trace::Status};
+use opentelemetry_sdk::{Resource, trace::SpanData};
+
+pub struct TerminalExporter {
+    header_printed: AtomicBool,
+    service: String,
+}
+
+impl TerminalExporter {
+    pub fn new(resource: Resource) -> Self {
+        let service = resource
+            .get(&opentelemetry::Key::from_static_str("service.name"))
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        Self { header_printed: AtomicBool::new(false), service }
+    }
+
+    pub fn print(&self, batch: &[SpanData]) {
+        let mut out = std::io::stdout().lock();
+        if !self.header_printed.swap(true, Ordering::Relaxed) {
+            let _ = writeln!(
+                out,
+                "# service {}: time (UTC)  span  hop  duration  status  process  client -> server  [detail]",
+                self.service
+            );
+        }
+        for span in batch {
+            let _ = writeln!(out, "{}", format_span(span));
+        }
+        let _ = out.flush();
+    }
+}
+
+pub fn format_span(span: &SpanData) -> String {
+    let attr = |key: &str| {
+        span.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| match &kv.value {
+            Value::String(s) => s.as_str().to_string(),
+            other => other.to_string(),
+        })
+    };
+    let text = |key: &str| attr(key).unwrap_or_else(|| "?".into());
+    let duration = span.end_time.duration_since(span.start_time).unwrap_or_default();
+    let uncertain = attr("hoptrace.uncertain");
+    let (status, detail) = match &span.status {
+        Status::Error { description } => ("ERROR", description.to_string()),
+        _ => ("ok", String::new()),
+    };
+    let process = match (attr("process.executable.name"), attr("process.pid")) {
+        (Some(name), Some(pid)) => format!("{name}[{pid}]"),
+        _ => "-".into(),
+    };
+    let local = format!("{}:{}", text("network.local.address"), text("network.local.port"));
+    let peer = format!("{}:{}", text("network.peer.address"), text("network.peer.port"));
+    // Always client -> server, whichever side observed it.
+    let flow = if span.span_kind == opentelemetry::trace::SpanKind::Server {
+        format!("{peer} -> {local}")
+    } else {
+        format!("{local} -> {peer}")
+    };
+    let since_epoch = span.start_time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs_of_day = since_epoch.as_secs() % 86_400;
+    let mut line = format!(
+        "{:02}:{:02}:{:02}.{:06}  {:<12} {:<8} {}{:>9.3} ms  {:<5}  {:<16} {}",
+        secs_of_day / 3600,
+        secs_of_day / 60 % 60,
+        secs_of_day % 60,
+        since_epoch.subsec_micros(),
+        span.name,
+        text("hoptrace.hop"),
+        if uncertain.is_some() { "~" } else { " " },
+        duration.as_secs_f64() * 1e3,
+        status,
+        process,
+        flow,
+    );
+    if !detail.is_empty() {
+        line.push_str(&format!("  {detail}"));
+    }
+    if let Some(why) = uncertain {
+        line.push_str(&format!("  (uncertain {why})"));
+    }
+    line
+}

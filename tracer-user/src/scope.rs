@@ -1,0 +1,97 @@
+//! What the agent observes: network namespaces, processes and ports. Resolved here, enforced in
+//! the kernel (see tracer-ebpf's scope module) so nothing out of scope reaches user space.
+
+use std::{os::unix::fs::MetadataExt as _, path::PathBuf};
+
+/// Where `ip netns add NAME` puts its namespace handles.
+const NETNS_RUN_DIR: &str = "/run/netns";
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// Network namespace inode numbers; empty = every namespace.
+    pub netns: Vec<NetnsRef>,
+    /// Process ids (tgid); empty = every process.
+    pub pids: Vec<u32>,
+    /// TCP ports, matched against either end; empty = every port.
+    pub ports: Vec<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetnsRef {
+    /// What the user wrote (a name or a path), for messages.
+    pub spec: String,
+    pub inode: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScopeError {
+    #[error(
+        "unknown network namespace {spec:?}: {path} does not exist ({reason}); `ip netns list` \
+         shows the names, or pass a path such as /proc/PID/ns/net"
+    )]
+    UnknownNetns { spec: String, path: PathBuf, reason: String },
+}
+
+impl Scope {
+    /// Resolves `--netns` arguments: a name as `ip netns` knows it, or a path to a namespace
+    /// file (anything containing a `/`, e.g. /proc/1234/ns/net).
+    pub fn resolve(netns: &[String], pids: &[u32], ports: &[u16]) -> Result<Self, ScopeError> {
+        let netns = netns.iter().map(|spec| resolve_netns(spec)).collect::<Result<_, _>>()?;
+        Ok(Self { netns, pids: pids.to_vec(), ports: ports.to_vec() })
+    }
+
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.netns.is_empty() {
+            let list: Vec<_> =
+                self.netns.iter().map(|n| format!("{} ({})", n.spec, n.inode)).collect();
+            parts.push(format!("netns {}", list.join(", ")));
+        }
+        if !self.pids.is_empty() {
+            parts.push(format!("pids {:?}", self.pids));
+        }
+        if !self.ports.is_empty() {
+            parts.push(format!("ports {:?}", self.ports));
+        }
+        if parts.is_empty() { "the whole host".into() } else { parts.join("; ") }
+    }
+}
+
+fn resolve_netns(spec: &str) -> Result<NetnsRef, ScopeError> {
+    let path = if spec.contains('/') {
+        PathBuf::from(spec)
+    } else {
+        PathBuf::from(NETNS_RUN_DIR).join(spec)
+    };
+    let meta = std::fs::metadata(&path).map_err(|e| ScopeError::UnknownNetns {
+        spec: spec.into(),
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    // Namespace inode numbers fit in 32 bits (the kernel's ns_common.inum is an unsigned int).
+    Ok(NetnsRef { spec: spec.into(), inode: meta.ino() as u32 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_resolves_to_its_inode() {
+        let scope = Scope::resolve(&["/proc/self/ns/net".into()], &[], &[]).unwrap();
+        let want = std::fs::metadata("/proc/self/ns/net").unwrap().ino() as u32;
+        assert_eq!(scope.netns[0].inode, want);
+    }
+
+    #[test]
+    fn an_unknown_name_says_how_to_find_names() {
+        let err = Scope::resolve(&["no-such-ns-hoptrace".into()], &[], &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("/run/netns/no-such-ns-hoptrace") && msg.contains("ip netns list"));
+    }
+
+    #[test]
+    fn describes_an_empty_scope_as_the_host() {
+        assert_eq!(Scope::default().describe(), "the whole host");
+    }
+}
