@@ -152,6 +152,8 @@ const _: () = assert!(core::mem::size_of::<ListenerInfo>() == 20);
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::ConnEvent {}
+    unsafe impl aya::Pod for super::ListenerKey {}
+    unsafe impl aya::Pod for super::ListenerInfo {}
 }
 
 #[cfg(test)]

@@ -8,4 +8,6 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod conn;
+pub mod http;
 pub mod maps;
+pub mod trace_context;

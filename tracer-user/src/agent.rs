@@ -77,9 +77,10 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let kernel_counters = ebpf::read_counters(&object).ok();
     drop(object);
     drain(ring.get_mut(), &sink, &clock, &mut counts);
-    let stats = sink.stats().summary();
+    let stats = sink.stats();
     drop(sink);
     pipeline.shutdown(options.shutdown_timeout).await;
+    let stats = stats.summary();
     let lost = kernel_counters.map_or(0, |c| ebpf::counter(&c, Counter::RingbufFull));
     log::info!(
         "hoptrace agent stopped: {} records, {} undecodable, {lost} lost to a full ring buffer; {stats}",

@@ -7,9 +7,12 @@ use aya::{
     maps::{HashMap, PerCpuArray},
     programs::TracePoint,
 };
-use tracer_common::maps::{self, COUNTER_COUNT, Counter, KernelOffsets, globals};
+use tracer_common::{
+    conn::{ListenerInfo, ListenerKey},
+    maps::{self, COUNTER_COUNT, Counter, KernelOffsets, globals},
+};
 
-use crate::{kernel_offsets, scope::Scope, tracefs};
+use crate::{kernel_offsets, listeners, scope::Scope, tracefs};
 
 /// The eBPF object built by build.rs from tracer-ebpf.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
@@ -53,6 +56,7 @@ pub fn load_agent(scope: &Scope) -> anyhow::Result<Ebpf> {
     let offsets = kernel_offsets::resolve()?;
     let mut ebpf = load_object(scope, &offsets)?;
     fill_scope_maps(&mut ebpf, scope)?;
+    seed_listeners(&mut ebpf, scope)?;
     for probe in AGENT_PROBES {
         let program: &mut TracePoint = ebpf
             .program_mut(probe.program)
@@ -92,6 +96,19 @@ fn fill_scope_maps(ebpf: &mut Ebpf, scope: &Scope) -> anyhow::Result<()> {
     let mut ports: HashMap<_, u16, u8> = HashMap::try_from(map(ebpf, maps::PORT_FILTER)?)?;
     for &port in &scope.ports {
         ports.insert(&port, &1, 0)?;
+    }
+    Ok(())
+}
+
+/// Tells the kernel about servers that were listening before the agent started.
+fn seed_listeners(ebpf: &mut Ebpf, scope: &Scope) -> anyhow::Result<()> {
+    let netns: Vec<u32> = scope.netns.iter().map(|n| n.inode).collect();
+    let mut listeners: HashMap<_, ListenerKey, ListenerInfo> =
+        HashMap::try_from(map(ebpf, maps::LISTENERS)?)?;
+    let existing = listeners::existing(&netns);
+    log::debug!("{} listening sockets existed before the agent", existing.len());
+    for (key, info) in existing {
+        listeners.insert(&key, &info, 0)?;
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ mod decode;
 mod ebpf;
 mod export;
 mod kernel_offsets;
+mod listeners;
 mod scope;
 mod span;
 mod tracefs;

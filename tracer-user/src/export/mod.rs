@@ -67,8 +67,10 @@ impl SpanSink {
         }
     }
 
-    pub fn stats(&self) -> &ExportStats {
-        &self.stats
+    /// The pipeline's counters; they keep counting after the sink is dropped, until the
+    /// pipeline has shut down.
+    pub fn stats(&self) -> Arc<ExportStats> {
+        self.stats.clone()
     }
 }
 
