@@ -1,0 +1,4 @@
+//! hoptrace's xtask library: the network-namespace test lab shared by the end-to-end tests,
+//! the benchmarks and the demo.
+
+pub mod lab;
