@@ -156,11 +156,16 @@ impl<'a> Headers<'a> {
     /// The body length declared by `Content-Length` (RFC 9110 §8.6, RFC 9112 §6.3).
     ///
     /// `Ok(None)` when absent. Several field lines, or a comma-separated list, are accepted if
-    /// every element is the same number (RFC 9110 §8.6 allows a recipient to); elements that
-    /// differ are [`HttpError::ConflictingContentLength`]; an element that is not `1*DIGIT`
-    /// (sign, space inside, empty, hex) is [`HttpError::InvalidContentLength`]; more than
-    /// `u64::MAX` is [`HttpError::ContentLengthOverflow`]. Framing precedence
-    /// (`Transfer-Encoding` overrides `Content-Length`, RFC 9112 §6.3) is the caller's.
+    /// every element is the same number (RFC 9110 §8.6 allows a recipient to).
+    /// Framing precedence (`Transfer-Encoding` overrides `Content-Length`, RFC 9112 §6.3) is
+    /// the caller's.
+    ///
+    /// # Errors
+    ///
+    /// [`HttpError::ConflictingContentLength`] when elements differ;
+    /// [`HttpError::InvalidContentLength`] when one is not `1*DIGIT` (sign, inner space, empty
+    /// element, hex); [`HttpError::ContentLengthOverflow`] above `u64::MAX`. RFC 9112 §6.3 item
+    /// 5: each makes the message framing invalid.
     pub fn content_length(&self) -> Result<Option<u64>, HttpError> {
         let mut found = None;
         for value in self.get_all(b"content-length") {
@@ -307,6 +312,10 @@ impl<'a> RequestHead<'a> {
     }
 
     /// [`Headers::content_length`]. Only final when [`Self::complete`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Headers::content_length`].
     pub fn content_length(&self) -> Result<Option<u64>, HttpError> {
         self.headers.content_length()
     }
@@ -353,6 +362,10 @@ impl<'a> ResponseHead<'a> {
 
     /// [`Headers::content_length`]. Whether a response has a body at all also depends on the
     /// request method and the status (RFC 9112 §6.3 items 1-2): the caller's.
+    ///
+    /// # Errors
+    ///
+    /// As [`Headers::content_length`].
     pub fn content_length(&self) -> Result<Option<u64>, HttpError> {
         self.headers.content_length()
     }
@@ -383,8 +396,12 @@ impl<'a> ResponseHead<'a> {
 /// bare CR among them is already an error). Bytes after the blank line (the body, or the next
 /// request) are not looked at.
 ///
-/// Errors are stable under extension: if a prefix of a buffer fails with anything but
-/// `Incomplete`, the whole buffer fails with the same error.
+/// # Errors
+///
+/// [`HttpError::Incomplete`] before the request line's terminator; otherwise the variant
+/// naming the first rule broken, in buffer order (each variant's doc gives the rule). Errors are
+/// stable under extension: if a prefix of a buffer fails with anything but `Incomplete`, the
+/// whole buffer fails with the same error.
 pub fn parse_request_head(buf: &[u8]) -> Result<RequestHead<'_>, HttpError> {
     let start = match buf {
         [b'\r', b'\n', ..] => 2,
@@ -409,6 +426,11 @@ pub fn parse_request_head(buf: &[u8]) -> Result<RequestHead<'_>, HttpError> {
 /// `status-line = HTTP-version SP status-code SP [ reason-phrase ]` (RFC 9112 §4); the SP
 /// before an empty reason may be missing, as many servers omit it. Truncation, line endings and
 /// fields as in [`parse_request_head`]; no leading empty line is skipped.
+///
+/// # Errors
+///
+/// As [`parse_request_head`], with [`HttpError::InvalidStatus`] and
+/// [`HttpError::InvalidReason`] for the status line's own parts.
 pub fn parse_response_head(buf: &[u8]) -> Result<ResponseHead<'_>, HttpError> {
     let (line, next) = next_line(buf, 0)?.ok_or(HttpError::Incomplete)?;
     let (minor_version, status, reason) = parse_status_line(line)?;

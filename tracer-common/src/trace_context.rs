@@ -153,12 +153,15 @@ impl core::error::Error for TraceParentError {}
 /// - `trace-id` (32), `parent-id` (16) and `trace-flags` (2) must be lowercase hex, separated by
 ///   `-`, and neither id may be all zeros.
 ///
-/// When several checks fail, the error names the first in the order above, and within a field
-/// the first offending byte decides between [`TraceParentError::UppercaseHex`] and
-/// [`TraceParentError::NotHex`].
-///
 /// Duplicate `traceparent` field lines make the header invalid (the combined value is not a
 /// `traceparent`); that is the caller's check, with [`crate::http::Headers::get_all`].
+///
+/// # Errors
+///
+/// The [`TraceParentError`] naming the first check above that fails; within a field the
+/// first offending byte decides between [`TraceParentError::UppercaseHex`] and
+/// [`TraceParentError::NotHex`]. The spec's response to any of them is to ignore the header and
+/// restart the trace (§3.2.2.3, §3.2.2.4, §3.2.4).
 pub fn parse_traceparent(value: &[u8]) -> Result<TraceParent, TraceParentError> {
     let v = trim_ows(value);
     if v.len() < TRACEPARENT_LEN {
@@ -284,6 +287,11 @@ impl core::error::Error for TraceStateError {}
 ///
 /// Several `tracestate` field lines are one list (RFC 9110 §5.3): join them with `,` before
 /// calling. Per §3.3, do not look at `tracestate` when the `traceparent` was invalid.
+///
+/// # Errors
+///
+/// The [`TraceStateError`] for the first offending member, left to right; the whole header is
+/// then to be discarded. [`TraceStateError::TooLong`] is decided before anything is read.
 pub fn validate_tracestate(value: &[u8]) -> Result<usize, TraceStateError> {
     if value.len() > TRACESTATE_MAX_LEN {
         return Err(TraceStateError::TooLong);
