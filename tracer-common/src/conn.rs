@@ -6,6 +6,7 @@
 /// Kinds of ring-buffer records. Fixed numbers, never reused.
 pub mod kind {
     pub const CONN: u8 = 1;
+    pub const DATA: u8 = 2;
 }
 
 /// TCP states as in include/net/tcp_states.h (kernel ABI).

@@ -8,6 +8,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod conn;
+pub mod data;
 pub mod http;
 pub mod maps;
 pub mod trace_context;

@@ -37,8 +37,46 @@ pub struct KernelOffsets {
     pub sock_err: u32,
     /// `struct tcp_sock` -> `srtt_us` (u32): smoothed RTT in microseconds, shifted left by 3.
     pub tcp_srtt_us: u32,
+    /// `struct sock` -> `__sk_common.skc_daddr` (__be32): remote IPv4 address.
+    pub sock_daddr: u32,
+    /// `struct sock` -> `__sk_common.skc_rcv_saddr` (__be32): local IPv4 address.
+    pub sock_rcv_saddr: u32,
+    /// `struct sock` -> `__sk_common.skc_dport` (__be16): remote port.
+    pub sock_dport: u32,
+    /// `struct sock` -> `__sk_common.skc_num` (u16, host order): local port.
+    pub sock_num: u32,
+    /// `struct sock` -> `__sk_common.skc_family` (u16).
+    pub sock_family: u32,
+    /// `struct sock` -> `__sk_common.skc_v6_daddr` / `skc_v6_rcv_saddr` (in6_addr).
+    pub sock_v6_daddr: u32,
+    pub sock_v6_rcv_saddr: u32,
+    /// `struct task_struct` -> `nsproxy`, and `struct nsproxy` -> `net_ns`: the calling task's
+    /// network namespace, to drop out-of-scope syscalls at entry before any map work.
+    pub task_nsproxy: u32,
+    pub nsproxy_net_ns: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 16);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 56);
+
+impl KernelOffsets {
+    /// All zero: the compiled-in value the loader always overrides.
+    pub const ZERO: Self = Self {
+        sock_net: 0,
+        net_inum: 0,
+        sock_err: 0,
+        tcp_srtt_us: 0,
+        sock_daddr: 0,
+        sock_rcv_saddr: 0,
+        sock_dport: 0,
+        sock_num: 0,
+        sock_family: 0,
+        sock_v6_daddr: 0,
+        sock_v6_rcv_saddr: 0,
+        task_nsproxy: 0,
+        nsproxy_net_ns: 0,
+        _pad: 0,
+    };
+}
 
 /// Indices into the [`COUNTERS`] per-CPU array.
 #[repr(u32)]
@@ -50,12 +88,24 @@ pub enum Counter {
     Submitted = 1,
     /// A kernel structure read failed (bad offset or freed memory): event skipped.
     KernelReadFailed = 2,
+    /// A user buffer could not be read at syscall exit (paged out or bad pointer): the record
+    /// went out without payload.
+    UserReadFailed = 3,
+    /// Data records submitted.
+    DataSubmitted = 4,
 }
 /// Number of entries in [`COUNTERS`].
-pub const COUNTER_COUNT: u32 = 3;
+pub const COUNTER_COUNT: u32 = 5;
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for KernelOffsets {}
+
+/// LRU hash: pid_tgid (u64) -> [`crate::data::SyscallContext`] between a syscall's entry and exit.
+pub const SYSCALLS: &str = "SYSCALLS";
+/// LRU hash: socket address (u64) -> ns when the oldest unread segment reached TCP.
+pub const RX_ARRIVAL: &str = "RX_ARRIVAL";
+/// Per-CPU scratch for building a [`crate::data::DataEvent`] (too big for the BPF stack).
+pub const DATA_SCRATCH: &str = "DATA_SCRATCH";
 
 /// LRU hash: socket address (u64) -> [`crate::conn::SockContext`].
 pub const SOCKS: &str = "SOCKS";

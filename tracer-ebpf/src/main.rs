@@ -4,6 +4,7 @@
 
 mod capability;
 mod conn;
+mod data;
 mod maps;
 mod scope;
 

@@ -14,8 +14,7 @@ static FILTER_PID: u32 = 0;
 #[unsafe(no_mangle)]
 static FILTER_PORT: u32 = 0;
 #[unsafe(no_mangle)]
-static KERNEL_OFFSETS: KernelOffsets =
-    KernelOffsets { sock_net: 0, net_inum: 0, sock_err: 0, tcp_srtt_us: 0 };
+static KERNEL_OFFSETS: KernelOffsets = KernelOffsets::ZERO;
 
 #[inline(always)]
 fn enabled(flag: &u32) -> bool {
@@ -26,6 +25,10 @@ fn enabled(flag: &u32) -> bool {
 #[inline(always)]
 pub fn offsets() -> KernelOffsets {
     unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) }
+}
+
+pub fn netns_filter_enabled() -> bool {
+    enabled(&FILTER_NETNS)
 }
 
 pub fn netns_in_scope(netns_ino: u32) -> bool {

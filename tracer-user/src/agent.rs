@@ -12,12 +12,14 @@ use tokio::{
 use tracer_common::maps::{self, Counter};
 
 use crate::{
-    clock::Clock,
-    conn_spans,
+    clock::{self, Clock},
     decode::{self, Event},
     ebpf,
     export::{self, ExportConfig, ExportFlags, SpanSink},
+    requests::{self, Assembler},
+    sampling::{Sampler, Untraced},
     scope::Scope,
+    span::HopSpan,
 };
 
 pub struct AgentOptions {
@@ -25,6 +27,7 @@ pub struct AgentOptions {
     pub scope_pids: Vec<u32>,
     pub scope_ports: Vec<u16>,
     pub export: ExportFlags,
+    pub untraced: Untraced,
     /// How long Ctrl-C / SIGTERM may take to flush pending spans.
     pub shutdown_timeout: Duration,
     /// How often the clock offset is re-sampled and the counters checked.
@@ -38,30 +41,69 @@ struct Counts {
     ringbuf_full_reported: u64,
 }
 
+/// The assembler and where its spans go: one place to feed records and flush.
+struct Pipeline<'a> {
+    assembler: Assembler,
+    sink: &'a SpanSink,
+    spans: Vec<HopSpan>,
+}
+
+impl Pipeline<'_> {
+    fn emit(&mut self, clock: &Clock) {
+        for span in self.spans.drain(..) {
+            self.sink.send(&span, clock);
+        }
+    }
+}
+
 pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     ebpf::require_privilege()?;
     let scope = Scope::resolve(&options.scope_netns, &options.scope_pids, &options.scope_ports)?;
     let export_config = ExportConfig::from_env(&options.export).map_err(anyhow::Error::msg)?;
-    let mut object = ebpf::load_agent(&scope)?;
+    let sampler = Sampler::from_env(
+        std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref(),
+        std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let (mut object, attached) = ebpf::load_agent(&scope)?;
     let ring = RingBuf::try_from(object.take_map(maps::EVENTS).context("EVENTS map missing")?)?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until the
     // AsyncFd is dropped at the end of this function.
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
-    let (sink, pipeline) = export::start(&export_config)?;
+    let (sink, exporter) = export::start(&export_config)?;
+    let mut pipeline = Pipeline {
+        assembler: Assembler::new(requests::Config {
+            sampler,
+            untraced: options.untraced,
+            layers: attached.layers(),
+            ..requests::Config::default()
+        }),
+        sink: &sink,
+        spans: Vec::new(),
+    };
+    let mut sweep = tokio::time::interval(Duration::from_millis(500));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut report = tokio::time::interval(options.report_interval);
     let mut clock = Clock::sample();
     let mut counts = Counts::default();
-    log::info!("hoptrace agent ready: observing {}", scope.describe());
+    log::info!(
+        "hoptrace agent ready: observing {}; layers: connections{}",
+        scope.describe(),
+        if attached.requests { format!(", requests ({})", attached.layers()) } else { String::new() }
+    );
 
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &sink, &clock, &mut counts);
+                drain(guard.get_inner_mut(), &mut pipeline, &clock, &mut counts);
                 guard.clear_ready();
+            }
+            _ = sweep.tick() => {
+                pipeline.assembler.sweep(clock::monotonic_now_ns(), &mut pipeline.spans);
+                pipeline.emit(&clock);
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -76,29 +118,31 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     // Detach first so nothing new arrives, then take what the kernel already wrote.
     let kernel_counters = ebpf::read_counters(&object).ok();
     drop(object);
-    drain(ring.get_mut(), &sink, &clock, &mut counts);
+    drain(ring.get_mut(), &mut pipeline, &clock, &mut counts);
+    pipeline.assembler.flush(&mut pipeline.spans);
+    pipeline.emit(&clock);
+    let request_stats = pipeline.assembler.stats.summary();
+    drop(pipeline);
     let stats = sink.stats();
     drop(sink);
-    pipeline.shutdown(options.shutdown_timeout).await;
+    exporter.shutdown(options.shutdown_timeout).await;
     let stats = stats.summary();
     let lost = kernel_counters.map_or(0, |c| ebpf::counter(&c, Counter::RingbufFull));
     log::info!(
-        "hoptrace agent stopped: {} records, {} undecodable, {lost} lost to a full ring buffer; {stats}",
+        "hoptrace agent stopped: {} records, {} undecodable, {lost} lost to a full ring buffer; \
+         {request_stats}; {stats}",
         counts.records,
         counts.decode_errors,
     );
     Ok(())
 }
 
-fn drain(ring: &mut RingBuf<aya::maps::MapData>, sink: &SpanSink, clock: &Clock, counts: &mut Counts) {
+fn drain(ring: &mut RingBuf<aya::maps::MapData>, pipeline: &mut Pipeline<'_>, clock: &Clock, counts: &mut Counts) {
     while let Some(record) = ring.next() {
         counts.records += 1;
         match decode::decode(&record) {
-            Ok(Event::Conn(event)) => {
-                if let Some(span) = conn_spans::span_for(&event) {
-                    sink.send(&span, clock);
-                }
-            }
+            Ok(Event::Conn(event)) => pipeline.assembler.on_conn(&event, &mut pipeline.spans),
+            Ok(Event::Data(event)) => pipeline.assembler.on_data(&event, &mut pipeline.spans),
             Err(e) => {
                 if counts.decode_errors == 0 {
                     log::warn!("undecodable ring-buffer record (counted, skipped): {e}");
@@ -106,6 +150,7 @@ fn drain(ring: &mut RingBuf<aya::maps::MapData>, sink: &SpanSink, clock: &Clock,
                 counts.decode_errors += 1;
             }
         }
+        pipeline.emit(clock);
     }
 }
 

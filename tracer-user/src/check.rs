@@ -15,7 +15,12 @@ use aya::{
     },
 };
 
-use crate::{ebpf, kernel_offsets, scope::Scope, tracefs};
+use crate::{
+    ebpf::{self, Layer},
+    kernel_offsets,
+    scope::Scope,
+    tracefs,
+};
 
 /// Called by the uprobe check through its symbol; must stay a real, exported function.
 #[unsafe(no_mangle)]
@@ -78,14 +83,21 @@ pub fn run() -> anyhow::Result<bool> {
             Err("not mounted at /sys/fs/bpf: `mount -t bpf bpf /sys/fs/bpf`".into())
         },
     });
-    for probe in ebpf::AGENT_PROBES {
+    for layer in [Layer::Connections, Layer::Requests, Layer::TcpArrival] {
+        let probes: Vec<_> = ebpf::agent_probes().into_iter().filter(|p| p.layer == layer).collect();
+        let outcome = probes
+            .iter()
+            .try_for_each(|p| tracefs::verify_layout(p.category, p.name, p.layout))
+            .map(|()| {
+                let names: Vec<_> = probes.iter().map(|p| format!("{}:{}", p.category, p.name)).collect();
+                format!("{} tracepoints present, layouts match ({} ...)", names.len(), names[0])
+            })
+            .map_err(|e| e.to_string());
         findings.push(Finding {
-            what: "tracepoint layout",
-            need: Need::Required,
-            used_for: probe.why,
-            outcome: tracefs::verify_layout(probe.category, probe.name, probe.layout)
-                .map(|()| format!("{}:{} matches", probe.category, probe.name))
-                .map_err(|e| e.to_string()),
+            what: "tracepoints",
+            need: if layer == Layer::Connections { Need::Required } else { Need::Optional },
+            used_for: layer.describe(),
+            outcome,
         });
     }
 
@@ -225,22 +237,28 @@ fn report(findings: &[Finding]) {
     }
     let works = |what: &str| findings.iter().any(|f| f.what == what && f.outcome.is_ok());
     let _ = writeln!(out, "\nprobe plan of `hoptrace agent`:");
-    for probe in ebpf::AGENT_PROBES {
-        let _ = writeln!(
-            out,
-            "  {:<44} tracepoint {}:{} [{}]",
-            probe.why,
-            probe.category,
-            probe.name,
-            if works("tracepoint") { "ready" } else { "UNAVAILABLE" }
-        );
+    for layer in [Layer::Connections, Layer::Requests, Layer::TcpArrival] {
+        let ready = works("tracepoint")
+            && findings.iter().any(|f| f.what == "tracepoints" && f.used_for == layer.describe() && f.outcome.is_ok());
+        let hooks: Vec<_> = ebpf::agent_probes()
+            .into_iter()
+            .filter(|p| p.layer == layer)
+            .map(|p| format!("{}:{}", p.category, p.name))
+            .collect();
+        let hooks = if hooks.len() > 3 { format!("{} and {} more", hooks[..2].join(", "), hooks.len() - 2) } else { hooks.join(", ") };
+        let status = match (ready, layer) {
+            (true, _) => "ready",
+            (false, Layer::Connections) => "UNAVAILABLE",
+            (false, _) => "absent: the agent runs without this layer",
+        };
+        let _ = writeln!(out, "  {:<56} [{status}] {hooks}", layer.describe());
     }
     let accelerators = if works("fentry") || works("kprobe") {
         "available (not needed: the agent stands on tracepoints)"
     } else {
         "none on this kernel (not needed: the agent stands on tracepoints)"
     };
-    let _ = writeln!(out, "  {:<44} {accelerators}", "kprobe/fentry accelerators");
+    let _ = writeln!(out, "  {:<56} {accelerators}", "kprobe/fentry accelerators");
     let missing: Vec<_> = findings
         .iter()
         .filter(|f| f.need == Need::Required && f.outcome.is_err())

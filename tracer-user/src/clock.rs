@@ -52,7 +52,6 @@ fn now(clock: libc::clockid_t) -> u64 {
 }
 
 /// CLOCK_MONOTONIC now, in ns: the kernel timestamps' time base.
-#[cfg(test)]
 pub fn monotonic_now_ns() -> u64 {
     now(libc::CLOCK_MONOTONIC)
 }

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use tracer_common::conn::{AF_INET6, ConnEvent, ConnTransition};
 
-use crate::span::{HopSpan, Role, Value};
+use crate::span::{HopSpan, Role, SpanIds, Value};
 
 /// Span names (stable: dashboards and tests rely on them).
 pub const CONNECT: &str = "tcp.connect";
@@ -58,10 +58,19 @@ pub fn span_for(event: &ConnEvent) -> Option<HopSpan> {
     };
     let server_side = role == Role::Server;
     attributes.extend(common_attributes(event, server_side));
-    Some(HopSpan { name, role, start_ns: start, end_ns: end, error, attributes })
+    Some(HopSpan {
+        ids: SpanIds::new_root(),
+        name: name.into(),
+        role,
+        start_ns: start,
+        end_ns: end,
+        error,
+        attributes,
+        events: Vec::new(),
+    })
 }
 
-fn common_attributes(event: &ConnEvent, server_side: bool) -> Vec<(&'static str, Value)> {
+pub fn common_attributes(event: &ConnEvent, server_side: bool) -> Vec<(&'static str, Value)> {
     let local = address(event.family, &event.saddr);
     let peer = address(event.family, &event.daddr);
     let mut attributes = vec![

@@ -1,10 +1,15 @@
 //! Ring-buffer bytes to typed events: length-checked, dispatched on the header's kind byte.
 
-use tracer_common::conn::{ConnEvent, kind};
+use tracer_common::{
+    conn::{ConnEvent, kind},
+    data::{DATA_HEADER_LEN, DataEvent, MAX_CAPTURE},
+};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     Conn(ConnEvent),
+    /// Boxed: 1.1 KiB, most of it payload room.
+    Data(Box<DataEvent>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -15,14 +20,37 @@ pub enum DecodeError {
     UnknownKind(u8),
     #[error("record of kind {kind} has {len} bytes, expected {expected}")]
     Length { kind: u8, len: usize, expected: usize },
+    #[error("data record claims {claimed} captured bytes, carries {carried}")]
+    Captured { claimed: usize, carried: usize },
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let &kind = bytes.first().ok_or(DecodeError::Empty)?;
     match kind {
         kind::CONN => read_record::<ConnEvent>(kind, bytes).map(Event::Conn),
+        kind::DATA => decode_data(bytes).map(Event::Data),
         other => Err(DecodeError::UnknownKind(other)),
     }
+}
+
+/// A data record is its fixed part plus only the captured bytes.
+fn decode_data(bytes: &[u8]) -> Result<Box<DataEvent>, DecodeError> {
+    if bytes.len() < DATA_HEADER_LEN {
+        return Err(DecodeError::Length {
+            kind: kind::DATA,
+            len: bytes.len(),
+            expected: DATA_HEADER_LEN,
+        });
+    }
+    let mut full = [0u8; DATA_HEADER_LEN + MAX_CAPTURE];
+    let carried = bytes.len().min(full.len());
+    full[..carried].copy_from_slice(&bytes[..carried]);
+    let event: DataEvent = read_record(kind::DATA, &full)?;
+    let claimed = usize::from(event.captured);
+    if claimed > MAX_CAPTURE || claimed > carried - DATA_HEADER_LEN {
+        return Err(DecodeError::Captured { claimed, carried: carried - DATA_HEADER_LEN });
+    }
+    Ok(Box::new(event))
 }
 
 /// Copies a `#[repr(C)]` record out of `bytes` (which need not be aligned).
@@ -51,8 +79,28 @@ mod tests {
 
     #[test]
     fn decodes_a_connection_record() {
-        let Event::Conn(event) = decode(&conn_bytes()).unwrap();
+        let Ok(Event::Conn(event)) = decode(&conn_bytes()) else { panic!() };
         assert_eq!((event.header.tgid, event.header.ts_ns, event.sport), (42, 7, 80));
+    }
+
+    fn data_bytes(payload: &[u8], captured: u16) -> Vec<u8> {
+        let mut event: DataEvent = unsafe { std::mem::zeroed() };
+        event.header.kind = kind::DATA;
+        event.len = payload.len() as u32;
+        event.captured = captured;
+        event.data[..payload.len()].copy_from_slice(payload);
+        let ptr = (&event as *const DataEvent).cast::<u8>();
+        let all = unsafe { std::slice::from_raw_parts(ptr, size_of::<DataEvent>()) };
+        all[..DATA_HEADER_LEN + payload.len()].to_vec()
+    }
+
+    #[test]
+    fn decodes_a_data_record_of_any_captured_length() {
+        let bytes = data_bytes(b"GET / HTTP/1.1\r\n", 16);
+        let Ok(Event::Data(event)) = decode(&bytes) else { panic!() };
+        assert_eq!(&event.data[..16], b"GET / HTTP/1.1\r\n");
+        assert!(matches!(decode(&data_bytes(b"abc", 500)), Err(DecodeError::Captured { .. })));
+        assert!(matches!(decode(&bytes[..50]), Err(DecodeError::Length { .. })));
     }
 
     #[test]

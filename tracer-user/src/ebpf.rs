@@ -17,57 +17,178 @@ use crate::{kernel_offsets, listeners, scope::Scope, tracefs};
 /// The eBPF object built by build.rs from tracer-ebpf.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
 
+/// What a group of probes gives the agent; a group attaches whole or not at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layer {
+    /// TCP connect/accept/failure spans. Required.
+    Connections,
+    /// Send/receive syscalls on TCP sockets: request timelines (needs Linux 6.4+ for
+    /// sock:sock_{send,recv}_length). Optional: without it, connection spans only.
+    Requests,
+    /// When received data reached TCP (tcp:tcp_probe). Optional: without it, the persona's
+    /// request start is the application's read, flagged as such.
+    TcpArrival,
+}
+
 /// A tracepoint the agent attaches, with the record layout its program was written against.
 pub struct TracepointProbe {
     pub program: &'static str,
     pub category: &'static str,
     pub name: &'static str,
     pub layout: &'static [(&'static str, usize, usize)],
-    pub why: &'static str,
+    pub layer: Layer,
 }
 
-/// What `hoptrace agent` attaches. All of it is required: it stands on stable tracepoints only.
-pub const AGENT_PROBES: &[TracepointProbe] = &[TracepointProbe {
-    program: "inet_sock_set_state",
-    category: "sock",
-    name: "inet_sock_set_state",
-    layout: &[
-        ("skaddr", 8, 8),
-        ("oldstate", 16, 4),
-        ("newstate", 20, 4),
-        ("sport", 24, 2),
-        ("dport", 26, 2),
-        ("family", 28, 2),
-        ("protocol", 30, 2),
-        ("saddr", 32, 4),
-        ("daddr", 36, 4),
-        ("saddr_v6", 40, 16),
-        ("daddr_v6", 56, 16),
-    ],
-    why: "TCP connect, accept, refused, timed out, reset",
-}];
+const SET_STATE_LAYOUT: &[(&str, usize, usize)] = &[
+    ("skaddr", 8, 8),
+    ("oldstate", 16, 4),
+    ("newstate", 20, 4),
+    ("sport", 24, 2),
+    ("dport", 26, 2),
+    ("family", 28, 2),
+    ("protocol", 30, 2),
+    ("saddr", 32, 4),
+    ("daddr", 36, 4),
+    ("saddr_v6", 40, 16),
+    ("daddr_v6", 56, 16),
+];
+const SYSCALL_EXIT_LAYOUT: &[(&str, usize, usize)] = &[("ret", 16, 8)];
+const SOCK_LENGTH_LAYOUT: &[(&str, usize, usize)] =
+    &[("sk", 8, 8), ("protocol", 18, 2), ("ret", 20, 4)];
+const TCP_PROBE_LAYOUT: &[(&str, usize, usize)] = &[("data_len", 76, 2), ("skaddr", 128, 8)];
+
+macro_rules! syscall_pair {
+    ($enter:literal, $exit:literal, $buffer:literal, $count:literal) => {
+        [
+            TracepointProbe {
+                program: $enter,
+                category: "syscalls",
+                name: $enter,
+                layout: &[($buffer, 24, 8), ($count, 32, 8)],
+                layer: Layer::Requests,
+            },
+            TracepointProbe {
+                program: $exit,
+                category: "syscalls",
+                name: $exit,
+                layout: SYSCALL_EXIT_LAYOUT,
+                layer: Layer::Requests,
+            },
+        ]
+    };
+}
+
+/// What `hoptrace agent` attaches, by layer. Stable tracepoints only.
+pub fn agent_probes() -> Vec<TracepointProbe> {
+    let mut probes = vec![TracepointProbe {
+        program: "inet_sock_set_state",
+        category: "sock",
+        name: "inet_sock_set_state",
+        layout: SET_STATE_LAYOUT,
+        layer: Layer::Connections,
+    }];
+    // The socket tracepoints first: if they are missing the syscall probes are pointless.
+    for (program, name) in [("sock_send_length", "sock_send_length"), ("sock_recv_length", "sock_recv_length")] {
+        probes.push(TracepointProbe { program, category: "sock", name, layout: SOCK_LENGTH_LAYOUT, layer: Layer::Requests });
+    }
+    probes.extend(syscall_pair!("sys_enter_write", "sys_exit_write", "buf", "count"));
+    probes.extend(syscall_pair!("sys_enter_sendto", "sys_exit_sendto", "buff", "len"));
+    probes.extend(syscall_pair!("sys_enter_writev", "sys_exit_writev", "vec", "vlen"));
+    probes.extend(syscall_pair!("sys_enter_sendmsg", "sys_exit_sendmsg", "msg", "flags"));
+    probes.extend(syscall_pair!("sys_enter_read", "sys_exit_read", "buf", "count"));
+    probes.extend(syscall_pair!("sys_enter_recvfrom", "sys_exit_recvfrom", "ubuf", "size"));
+    probes.extend(syscall_pair!("sys_enter_readv", "sys_exit_readv", "vec", "vlen"));
+    probes.extend(syscall_pair!("sys_enter_recvmsg", "sys_exit_recvmsg", "msg", "flags"));
+    probes.push(TracepointProbe {
+        program: "tcp_probe",
+        category: "tcp",
+        name: "tcp_probe",
+        layout: TCP_PROBE_LAYOUT,
+        layer: Layer::TcpArrival,
+    });
+    probes
+}
+
+impl Layer {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Connections => "TCP connect, accept, refused, timed out, reset",
+            Self::Requests => "request timelines (send/recv syscalls on TCP sockets)",
+            Self::TcpArrival => "when received data reached TCP",
+        }
+    }
+}
+
+/// The layers that attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attached {
+    pub requests: bool,
+    pub tcp_arrival: bool,
+}
+
+impl Attached {
+    /// `hoptrace.layers` on request spans: where the timestamps come from.
+    pub fn layers(self) -> &'static str {
+        if self.tcp_arrival { "syscall,tcp" } else { "syscall,tcp-send" }
+    }
+}
 
 /// Loads the object with the scope's switches and the kernel's struct offsets, fills the scope
-/// maps and attaches every agent probe. Dropping the returned `Ebpf` detaches everything.
-pub fn load_agent(scope: &Scope) -> anyhow::Result<Ebpf> {
-    for probe in AGENT_PROBES {
-        tracefs::verify_layout(probe.category, probe.name, probe.layout)?;
-    }
+/// maps and attaches the agent's probes: the connection layer or fail; the optional layers
+/// each whole or not at all, with a warning. Dropping the returned `Ebpf` detaches everything.
+pub fn load_agent(scope: &Scope) -> anyhow::Result<(Ebpf, Attached)> {
     let offsets = kernel_offsets::resolve()?;
     let mut ebpf = load_object(scope, &offsets)?;
     fill_scope_maps(&mut ebpf, scope)?;
     seed_listeners(&mut ebpf, scope)?;
-    for probe in AGENT_PROBES {
+    let probes = agent_probes();
+    let mut attached = Attached { requests: true, tcp_arrival: true };
+    for layer in [Layer::Connections, Layer::Requests, Layer::TcpArrival] {
+        let group: Vec<_> = probes.iter().filter(|p| p.layer == layer).collect();
+        if layer == Layer::TcpArrival && !attached.requests {
+            attached.tcp_arrival = false;
+            continue;
+        }
+        if let Err(error) = attach_group(&mut ebpf, &group) {
+            if layer == Layer::Connections {
+                return Err(error);
+            }
+            log::warn!("{} unavailable, continuing without it: {error:#}", layer.describe());
+            match layer {
+                Layer::Requests => attached.requests = false,
+                _ => attached.tcp_arrival = false,
+            }
+        }
+    }
+    Ok((ebpf, attached))
+}
+
+/// Attaches every probe of a group, or detaches what it attached and fails.
+fn attach_group(ebpf: &mut Ebpf, group: &[&TracepointProbe]) -> anyhow::Result<()> {
+    let mut links = Vec::new();
+    let outcome = group.iter().try_for_each(|probe| {
+        tracefs::verify_layout(probe.category, probe.name, probe.layout)?;
         let program: &mut TracePoint = ebpf
             .program_mut(probe.program)
             .with_context(|| format!("program {} missing from the object", probe.program))?
             .try_into()?;
-        program.load().with_context(|| format!("loading {}", probe.program))?;
-        program
+        if program.fd().is_err() {
+            program.load().with_context(|| format!("loading {}", probe.program))?;
+        }
+        let link = program
             .attach(probe.category, probe.name)
             .with_context(|| format!("attaching to tracepoint {}:{}", probe.category, probe.name))?;
+        links.push((probe.program, link));
+        anyhow::Ok(())
+    });
+    if outcome.is_err() {
+        for (name, link) in links {
+            if let Some(Ok(program)) = ebpf.program_mut(name).map(<&mut TracePoint>::try_from) {
+                let _ = program.detach(link);
+            }
+        }
     }
-    Ok(ebpf)
+    outcome
 }
 
 /// Loads the object without attaching anything (`hoptrace check` attaches its own probes).

@@ -31,6 +31,16 @@ pub fn resolve() -> Result<KernelOffsets, OffsetError> {
         net_inum: offset_of(&btf, "net", &["ns", "inum"])?,
         sock_err: offset_of(&btf, "sock", &["sk_err"])?,
         tcp_srtt_us: offset_of(&btf, "tcp_sock", &["srtt_us"])?,
+        sock_daddr: offset_of(&btf, "sock", &["__sk_common", "skc_daddr"])?,
+        sock_rcv_saddr: offset_of(&btf, "sock", &["__sk_common", "skc_rcv_saddr"])?,
+        sock_dport: offset_of(&btf, "sock", &["__sk_common", "skc_dport"])?,
+        sock_num: offset_of(&btf, "sock", &["__sk_common", "skc_num"])?,
+        sock_family: offset_of(&btf, "sock", &["__sk_common", "skc_family"])?,
+        sock_v6_daddr: offset_of(&btf, "sock", &["__sk_common", "skc_v6_daddr"])?,
+        sock_v6_rcv_saddr: offset_of(&btf, "sock", &["__sk_common", "skc_v6_rcv_saddr"])?,
+        task_nsproxy: offset_of(&btf, "task_struct", &["nsproxy"])?,
+        nsproxy_net_ns: offset_of(&btf, "nsproxy", &["net_ns"])?,
+        _pad: 0,
     })
 }
 

@@ -9,6 +9,8 @@ mod ebpf;
 mod export;
 mod kernel_offsets;
 mod listeners;
+mod requests;
+mod sampling;
 mod scope;
 mod span;
 mod tracefs;
@@ -52,6 +54,10 @@ enum Command {
         /// OTLP protocol: grpc, http/protobuf or http/json; overrides OTEL_EXPORTER_OTLP_PROTOCOL.
         #[arg(long, value_name = "PROTOCOL")]
         otlp_protocol: Option<String>,
+        /// Requests without a (valid) traceparent: `new-trace` starts a trace for them, marked
+        /// hoptrace.trace_origin = "hoptrace"; `ignore` exports nothing for them (counted).
+        #[arg(long, env = "HOPTRACE_UNTRACED", default_value = "new-trace", value_parser = sampling::Untraced::parse)]
+        untraced: sampling::Untraced,
         /// How long stopping may take to flush pending spans, in seconds.
         #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
         shutdown_timeout: f64,
@@ -65,12 +71,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Check => check::run().map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }),
-        Command::Agent { netns, pids, ports, otlp_endpoint, otlp_protocol, shutdown_timeout } => {
+        Command::Agent { netns, pids, ports, otlp_endpoint, otlp_protocol, untraced, shutdown_timeout } => {
             let options = agent::AgentOptions {
                 scope_netns: netns,
                 scope_pids: pids,
                 scope_ports: ports,
                 export: export::ExportFlags { endpoint: otlp_endpoint, protocol: otlp_protocol },
+                untraced,
                 shutdown_timeout: Duration::from_secs_f64(shutdown_timeout.clamp(0.0, 600.0)),
                 report_interval: Duration::from_secs(10),
             };

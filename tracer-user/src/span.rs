@@ -41,9 +41,43 @@ impl From<bool> for Value {
     }
 }
 
+/// W3C trace context identity of a span.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpanIds {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    /// The parent span: the SDK's span named by a request's traceparent, or one of ours.
+    pub parent_id: Option<[u8; 8]>,
+    /// The request's validated `tracestate`, carried along unchanged.
+    pub trace_state: Option<String>,
+}
+
+impl SpanIds {
+    /// A new trace (random ids, as the W3C spec asks: no structure, full entropy).
+    pub fn new_root() -> Self {
+        Self { trace_id: random_nonzero(), span_id: random_nonzero(), parent_id: None, trace_state: None }
+    }
+
+    /// A new span in `trace_id` under `parent_id`.
+    pub fn child(trace_id: [u8; 16], parent_id: [u8; 8], trace_state: Option<String>) -> Self {
+        Self { trace_id, span_id: random_nonzero(), parent_id: Some(parent_id), trace_state }
+    }
+}
+
+/// All-zero ids are invalid in W3C Trace Context; redraw in that (2^-64) case.
+fn random_nonzero<const N: usize>() -> [u8; N] {
+    loop {
+        let id: [u8; N] = rand::random();
+        if id.iter().any(|&b| b != 0) {
+            return id;
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct HopSpan {
-    pub name: &'static str,
+    pub ids: SpanIds,
+    pub name: Cow<'static, str>,
     pub role: Role,
     /// Start and end, ns of CLOCK_MONOTONIC (kernel time).
     pub start_ns: u64,
@@ -52,6 +86,8 @@ pub struct HopSpan {
     pub error: Option<String>,
     /// Semantic-convention keys where they exist, `hoptrace.*` otherwise.
     pub attributes: Vec<(&'static str, Value)>,
+    /// Named instants inside the span (per-layer timestamps), ns of CLOCK_MONOTONIC.
+    pub events: Vec<(&'static str, u64)>,
 }
 
 #[cfg(test)]

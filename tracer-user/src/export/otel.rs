@@ -1,13 +1,13 @@
 //! HopSpan -> OpenTelemetry SpanData, and the OTLP exporter.
 
-use std::{borrow::Cow, time::Duration};
+use std::time::Duration;
 
 use opentelemetry::{
     InstrumentationScope, KeyValue,
-    trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceState},
+    trace::{Event, SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState},
 };
 use opentelemetry_otlp::WithExportConfig as _;
-use opentelemetry_sdk::trace::{IdGenerator as _, RandomIdGenerator, SpanData, SpanEvents, SpanLinks};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 
 use super::Protocol;
 use crate::{
@@ -16,29 +16,35 @@ use crate::{
 };
 
 pub fn to_span_data(span: &HopSpan, clock: &Clock) -> SpanData {
-    let ids = RandomIdGenerator::default();
+    let trace_state = span
+        .ids
+        .trace_state
+        .as_deref()
+        .and_then(|s| s.parse::<TraceState>().ok())
+        .unwrap_or_default();
     let context = SpanContext::new(
-        ids.new_trace_id(),
-        ids.new_span_id(),
+        TraceId::from_bytes(span.ids.trace_id),
+        SpanId::from_bytes(span.ids.span_id),
         TraceFlags::SAMPLED,
         false,
-        TraceState::default(),
+        trace_state,
     );
     SpanData {
         span_context: context,
-        parent_span_id: SpanId::INVALID,
-        parent_span_is_remote: false,
+        parent_span_id: span.ids.parent_id.map_or(SpanId::INVALID, SpanId::from_bytes),
+        // The parent is the SDK's span in another process, known through traceparent.
+        parent_span_is_remote: span.ids.parent_id.is_some(),
         span_kind: match span.role {
             Role::Client => SpanKind::Client,
             Role::Server => SpanKind::Server,
             Role::Internal => SpanKind::Internal,
         },
-        name: Cow::Borrowed(span.name),
+        name: span.name.clone(),
         start_time: clock.to_system_time(span.start_ns),
         end_time: clock.to_system_time(span.end_ns),
         attributes: span.attributes.iter().map(|(k, v)| key_value(k, v)).collect(),
         dropped_attributes_count: 0,
-        events: SpanEvents::default(),
+        events: events(span, clock),
         links: SpanLinks::default(),
         // Success stays Unset, as instrumentation should leave it (OTel spec).
         status: match &span.error {
@@ -49,6 +55,16 @@ pub fn to_span_data(span: &HopSpan, clock: &Clock) -> SpanData {
             .with_version(env!("CARGO_PKG_VERSION"))
             .build(),
     }
+}
+
+fn events(span: &HopSpan, clock: &Clock) -> SpanEvents {
+    let mut events = SpanEvents::default();
+    events.events = span
+        .events
+        .iter()
+        .map(|(name, ns)| Event::new(*name, clock.to_system_time(*ns), Vec::new(), 0))
+        .collect();
+    events
 }
 
 fn key_value(key: &'static str, value: &Value) -> KeyValue {

@@ -1,0 +1,727 @@
+//! Per-request HTTP/1.x timelines from the kernel's data and connection records.
+//!
+//! A pure state machine per socket: records in, spans out, no I/O and no clock of its own (time
+//! is the records' kernel timestamps; `sweep` is told what time it is). Each socket has two byte
+//! streams (what it sends, what it receives); on a client socket requests go out and responses
+//! come in, on a server socket the other way round. A stream is cut into message heads by the
+//! HTTP/1.x parser in tracer-common, bodies are skipped by their length, and responses are
+//! matched to requests in order (HTTP/1.1 keeps order, including when pipelining).
+//!
+//! Memory is bounded: sockets (idle ones are swept, at most `max_sockets`), requests in flight
+//! per socket, and head bytes buffered per stream. What is skipped is counted in [`Stats`].
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use tracer_common::{
+    conn::{AF_INET6, ConnEvent, ConnTransition},
+    data::{DIRECTION_SEND, DataEvent},
+    http::{self, Headers},
+    trace_context,
+};
+
+use crate::{
+    conn_spans::{self, HOP_AGENT, HOP_PERSONA},
+    sampling::{Sampler, Untraced},
+    span::{HopSpan, Role, SpanIds, Value},
+};
+
+/// Head bytes buffered per stream before the head counts as truncated (a 64 KiB header must
+/// not grow memory; the traceparent is normally in the first few hundred bytes).
+const MAX_HEAD: usize = 16 * 1024;
+/// Requests awaiting their response on one connection (pipelining depth).
+const MAX_IN_FLIGHT: usize = 64;
+/// Longest path exported (paths are cut, never exported whole if huge).
+const MAX_PATH: usize = 256;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub sampler: Sampler,
+    pub untraced: Untraced,
+    /// Sockets tracked at most; beyond, new sockets are not followed (counted).
+    pub max_sockets: usize,
+    /// A socket with no record for this long is forgotten (its unanswered requests counted).
+    pub idle_ns: u64,
+    /// How long a connect span waits for the first request on its connection, to become its
+    /// child; after that it is exported on its own.
+    pub connect_hold_ns: u64,
+    /// Which layers the kernel gives timestamps for, named on every span (`hoptrace.layers`).
+    pub layers: &'static str,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            sampler: Sampler::default(),
+            untraced: Untraced::NewTrace,
+            max_sockets: 65_536,
+            idle_ns: 120_000_000_000,
+            connect_hold_ns: 2_000_000_000,
+            layers: "syscall,tcp",
+        }
+    }
+}
+
+/// What was skipped, and why. Reported by the agent; nothing here is ever exported as a span.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub requests: u64,
+    pub spans: u64,
+    pub not_sampled: u64,
+    pub untraced_ignored: u64,
+    /// Invalid traceparent headers, by reason (`TraceParentError::as_str`).
+    pub traceparent_invalid: BTreeMap<&'static str, u64>,
+    /// Heads larger than what the kernel copied or than MAX_HEAD: trace context may be missing.
+    pub heads_truncated: u64,
+    /// Heads that did not parse as HTTP/1.x.
+    pub heads_malformed: u64,
+    /// Data on a socket that never looked like HTTP/1.x (binary, TLS, HTTP/2...).
+    pub non_http_records: u64,
+    pub responses_unmatched: u64,
+    /// Requests whose response never came (reset, idle, socket forgotten).
+    pub requests_unanswered: u64,
+    pub requests_overflow: u64,
+    pub sockets_over_capacity: u64,
+}
+
+impl Stats {
+    pub fn summary(&self) -> String {
+        let invalid: u64 = self.traceparent_invalid.values().sum();
+        format!(
+            "requests {}, request spans {}, not sampled {}, untraced ignored {}, invalid \
+             traceparent {invalid} {:?}, truncated heads {}, malformed heads {}, non-HTTP records \
+             {}, unmatched responses {}, unanswered requests {}, pipelining overflow {}, sockets \
+             over capacity {}",
+            self.requests,
+            self.spans,
+            self.not_sampled,
+            self.untraced_ignored,
+            self.traceparent_invalid,
+            self.heads_truncated,
+            self.heads_malformed,
+            self.non_http_records,
+            self.responses_unmatched,
+            self.requests_unanswered,
+            self.requests_overflow,
+            self.sockets_over_capacity,
+        )
+    }
+}
+
+/// Kernel timestamps of one record (ns, CLOCK_MONOTONIC; `tcp_ns` 0 = unknown).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Stamp {
+    enter_ns: u64,
+    tcp_ns: u64,
+    exit_ns: u64,
+}
+
+/// Who is at the ends of a socket, from its latest record.
+#[derive(Clone, Debug, Default)]
+struct Endpoint {
+    tgid: u32,
+    comm: String,
+    netns: u32,
+    local: Option<(IpAddr, u16)>,
+    peer: Option<(IpAddr, u16)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Client,
+    Server,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Body {
+    /// The next bytes start a head.
+    None,
+    /// This many body bytes follow.
+    Length(u64),
+    /// Unknown length (chunked, or until close): skip until something looks like a head.
+    UntilNextHead,
+}
+
+/// One direction of a socket's byte stream.
+#[derive(Debug)]
+struct Stream {
+    /// Bytes of a head not yet complete.
+    head: Vec<u8>,
+    /// When the head's first bytes moved.
+    head_stamp: Stamp,
+    /// Bytes of the head were not captured: it can still yield what it shows, nothing more.
+    head_truncated: bool,
+    body: Body,
+}
+
+impl Default for Stream {
+    fn default() -> Self {
+        Self { head: Vec::new(), head_stamp: Stamp::default(), head_truncated: false, body: Body::None }
+    }
+}
+
+/// A message head cut from a stream.
+struct Head {
+    bytes: Vec<u8>,
+    stamp: Stamp,
+    truncated: bool,
+}
+
+impl Stream {
+    /// Feeds one record's bytes (`captured` of `len` were copied); returns the heads completed.
+    fn feed(
+        &mut self,
+        data: &[u8],
+        len: u64,
+        stamp: Stamp,
+        starts_head: fn(&[u8]) -> bool,
+        head_info: fn(&[u8]) -> Option<(usize, Body)>,
+        stats: &mut Stats,
+    ) -> Vec<Head> {
+        let mut heads = Vec::new();
+        let mut at = 0usize; // offset into this record's bytes (may pass `data.len()`)
+        // Bounded: each turn consumes bytes or ends.
+        for _ in 0..=MAX_IN_FLIGHT {
+            let remaining_total = len.saturating_sub(at as u64);
+            if remaining_total == 0 {
+                break;
+            }
+            match self.body {
+                Body::Length(n) => {
+                    let skip = n.min(remaining_total);
+                    self.body = if skip == n { Body::None } else { Body::Length(n - skip) };
+                    at += skip as usize;
+                    continue;
+                }
+                Body::UntilNextHead if self.head.is_empty() => {
+                    let rest = data.get(at..).unwrap_or_default();
+                    if rest.is_empty() || !starts_head(rest) {
+                        break; // body bytes (or bytes we did not see)
+                    }
+                    self.body = Body::None;
+                }
+                _ => {}
+            }
+            let Some(rest) = data.get(at..).filter(|r| !r.is_empty()) else {
+                // The rest of this record was not captured.
+                if !self.head.is_empty() {
+                    self.head_truncated = true;
+                    heads.push(self.take_head());
+                    self.body = Body::UntilNextHead;
+                }
+                break;
+            };
+            if self.head.is_empty() {
+                if !starts_head(rest) {
+                    stats.non_http_records += 1;
+                    self.body = Body::UntilNextHead;
+                    break;
+                }
+                self.head_stamp = stamp;
+            }
+            let before = self.head.len();
+            let room = MAX_HEAD.saturating_sub(before);
+            self.head.extend_from_slice(&rest[..rest.len().min(room)]);
+            match head_info(&self.head) {
+                Some((head_len, body)) => {
+                    let used_here = head_len.saturating_sub(before);
+                    self.head.truncate(head_len);
+                    heads.push(self.take_head());
+                    self.body = body;
+                    at += used_here;
+                }
+                None if self.head.len() >= MAX_HEAD => {
+                    self.head_truncated = true;
+                    heads.push(self.take_head());
+                    self.body = Body::UntilNextHead;
+                    break;
+                }
+                None => {
+                    // Incomplete: the head continues in the next record, unless this one was
+                    // cut by the kernel's capture limit.
+                    if (data.len() as u64) < len {
+                        self.head_truncated = true;
+                        heads.push(self.take_head());
+                        self.body = Body::UntilNextHead;
+                    }
+                    break;
+                }
+            }
+        }
+        heads
+    }
+
+    fn take_head(&mut self) -> Head {
+        let head = Head {
+            bytes: std::mem::take(&mut self.head),
+            stamp: self.head_stamp,
+            truncated: self.head_truncated,
+        };
+        self.head_truncated = false;
+        head
+    }
+}
+
+/// Where a request head ends and what body follows it.
+fn request_head_info(buf: &[u8]) -> Option<(usize, Body)> {
+    let head = http::parse_request_head(buf).ok()?;
+    let len = head.head_len?;
+    Some((len, body_after(&head.headers, true)))
+}
+
+fn response_head_info(buf: &[u8]) -> Option<(usize, Body)> {
+    let head = http::parse_response_head(buf).ok()?;
+    let len = head.head_len?;
+    // 1xx, 204 and 304 have no body (RFC 9112 §6.3).
+    if head.status < 200 || head.status == 204 || head.status == 304 {
+        return Some((len, Body::None));
+    }
+    Some((len, body_after(&head.headers, false)))
+}
+
+fn body_after(headers: &Headers<'_>, request: bool) -> Body {
+    if headers.is_chunked() {
+        return Body::UntilNextHead;
+    }
+    match headers.content_length() {
+        Ok(Some(0)) => Body::None,
+        Ok(Some(n)) => Body::Length(n),
+        // A request without length has no body; a response without one runs until close.
+        Ok(None) if request => Body::None,
+        _ => Body::UntilNextHead,
+    }
+}
+
+/// A request whose response has not been seen yet.
+#[derive(Debug)]
+struct Pending {
+    stamp: Stamp,
+    method: String,
+    path: String,
+    ids: Option<SpanIds>,
+    /// Why this request has no trace context, when it has none (`hoptrace.trace_origin`).
+    trace_origin: &'static str,
+    first_on_connection: bool,
+    truncated: bool,
+}
+
+#[derive(Debug, Default)]
+struct Socket {
+    last_ns: u64,
+    side: Option<Side>,
+    endpoint: Endpoint,
+    /// The handshake span, waiting for the connection's first request.
+    held_handshake: Option<(HopSpan, u64)>,
+    requests_seen: u64,
+    outgoing: Stream,
+    incoming: Stream,
+    in_flight: VecDeque<Pending>,
+}
+
+pub struct Assembler {
+    config: Config,
+    sockets: HashMap<u64, Socket>,
+    pub stats: Stats,
+}
+
+impl Assembler {
+    pub fn new(config: Config) -> Self {
+        Self { config, sockets: HashMap::new(), stats: Stats::default() }
+    }
+
+    pub fn on_conn(&mut self, event: &ConnEvent, out: &mut Vec<HopSpan>) {
+        let Some(span) = conn_spans::span_for(event) else { return };
+        let transition = ConnTransition::classify(event.oldstate, event.newstate);
+        match transition {
+            Some(ConnTransition::ConnectDone | ConnTransition::AcceptDone) => {
+                // A new connection on this address: whatever was there is gone.
+                self.forget(event.skaddr, out);
+                if let Some(socket) = self.socket(event.skaddr, event.header.ts_ns) {
+                    socket.side = Some(if transition == Some(ConnTransition::ConnectDone) {
+                        Side::Client
+                    } else {
+                        Side::Server
+                    });
+                    socket.held_handshake = Some((span, event.header.ts_ns));
+                } else {
+                    out.push(span);
+                }
+            }
+            Some(ConnTransition::Aborted | ConnTransition::AcceptFailed | ConnTransition::ConnectFailed) => {
+                self.forget(event.skaddr, out);
+                out.push(span);
+            }
+            _ => out.push(span),
+        }
+    }
+
+    pub fn on_data(&mut self, event: &DataEvent, out: &mut Vec<HopSpan>) {
+        let stamp = Stamp { enter_ns: event.enter_ns, tcp_ns: event.tcp_ns, exit_ns: event.header.ts_ns };
+        let captured = usize::from(event.captured).min(event.data.len());
+        let data = &event.data[..captured];
+        let sending = event.direction == DIRECTION_SEND;
+        let Self { config, sockets, stats } = self;
+        let Some(socket) = tracked(sockets, stats, config.max_sockets, event.skaddr, event.header.ts_ns) else {
+            return;
+        };
+        socket.endpoint = endpoint(event);
+        if socket.side.is_none() {
+            // A connection older than the agent: who is the client shows in the first bytes.
+            socket.side = match (sending, http::looks_like_request(data), http::looks_like_response(data)) {
+                (true, true, _) | (false, _, true) => Some(Side::Client),
+                (false, true, _) | (true, _, true) => Some(Side::Server),
+                _ => {
+                    stats.non_http_records += 1;
+                    return;
+                }
+            };
+        }
+        let side = socket.side.unwrap_or(Side::Client);
+        let carries_requests = (side == Side::Client) == sending;
+        let stream = if sending { &mut socket.outgoing } else { &mut socket.incoming };
+        let heads = if carries_requests {
+            stream.feed(data, u64::from(event.len), stamp, http::looks_like_request, request_head_info, stats)
+        } else {
+            stream.feed(data, u64::from(event.len), stamp, http::looks_like_response, response_head_info, stats)
+        };
+        for head in heads {
+            if carries_requests {
+                let first = socket.requests_seen == 0;
+                socket.requests_seen += 1;
+                let Some(pending) = parse_request(&head, first, config.untraced, config.sampler, stats)
+                else {
+                    continue;
+                };
+                if socket.in_flight.len() >= MAX_IN_FLIGHT {
+                    stats.requests_overflow += 1;
+                    continue;
+                }
+                socket.in_flight.push_back(pending);
+            } else {
+                let Ok(response) = http::parse_response_head(&head.bytes) else {
+                    stats.heads_malformed += 1;
+                    continue;
+                };
+                if response.status < 200 {
+                    continue; // interim (100 Continue): the final response follows
+                }
+                let status = response.status;
+                let Some(request) = socket.in_flight.pop_front() else {
+                    stats.responses_unmatched += 1;
+                    continue;
+                };
+                let held = if request.first_on_connection { socket.held_handshake.take() } else { None };
+                if let Some(spans) = build_spans(side, &socket.endpoint, request, head.stamp, status, held, config.layers) {
+                    stats.spans += 1;
+                    out.extend(spans);
+                }
+            }
+        }
+    }
+
+    /// Exports handshake spans that waited long enough, forgets idle sockets.
+    pub fn sweep(&mut self, now_ns: u64, out: &mut Vec<HopSpan>) {
+        let hold = self.config.connect_hold_ns;
+        let idle = self.config.idle_ns;
+        let mut idle_sockets = Vec::new();
+        for (addr, socket) in &mut self.sockets {
+            if socket.held_handshake.as_ref().is_some_and(|(_, at)| now_ns.saturating_sub(*at) > hold) {
+                out.extend(socket.held_handshake.take().map(|(span, _)| span));
+            }
+            if now_ns.saturating_sub(socket.last_ns) > idle {
+                idle_sockets.push(*addr);
+            }
+        }
+        for addr in idle_sockets {
+            self.forget(addr, out);
+        }
+    }
+
+    /// At shutdown: everything held goes out.
+    pub fn flush(&mut self, out: &mut Vec<HopSpan>) {
+        let all: Vec<u64> = self.sockets.keys().copied().collect();
+        for addr in all {
+            self.forget(addr, out);
+        }
+    }
+
+    fn forget(&mut self, addr: u64, out: &mut Vec<HopSpan>) {
+        if let Some(socket) = self.sockets.remove(&addr) {
+            self.stats.requests_unanswered += socket.in_flight.len() as u64;
+            out.extend(socket.held_handshake.map(|(span, _)| span));
+        }
+    }
+
+    fn socket(&mut self, addr: u64, now_ns: u64) -> Option<&mut Socket> {
+        tracked(&mut self.sockets, &mut self.stats, self.config.max_sockets, addr, now_ns)
+    }
+}
+
+/// The state of socket `addr`, created if there is room (counted when there is none).
+fn tracked<'a>(
+    sockets: &'a mut HashMap<u64, Socket>,
+    stats: &mut Stats,
+    max_sockets: usize,
+    addr: u64,
+    now_ns: u64,
+) -> Option<&'a mut Socket> {
+    if !sockets.contains_key(&addr) && sockets.len() >= max_sockets {
+        stats.sockets_over_capacity += 1;
+        return None;
+    }
+    let socket = sockets.entry(addr).or_default();
+    socket.last_ns = now_ns;
+    Some(socket)
+}
+
+fn parse_request(
+    head: &Head,
+    first_on_connection: bool,
+    untraced: Untraced,
+    sampler: Sampler,
+    stats: &mut Stats,
+) -> Option<Pending> {
+    let request = match http::parse_request_head(&head.bytes) {
+        Ok(request) => request,
+        Err(_) => {
+            stats.heads_malformed += 1;
+            return None;
+        }
+    };
+    stats.requests += 1;
+    if head.truncated {
+        stats.heads_truncated += 1;
+    }
+    let traceparents: Vec<&[u8]> = request.headers.get_all(b"traceparent").collect();
+    let parsed = match traceparents.as_slice() {
+        [] => Err("absent"),
+        [one] => trace_context::parse_traceparent(one).map_err(|e| e.as_str()),
+        // Two traceparent headers: which one is right is unknowable (W3C §3.2).
+        _ => Err("duplicate"),
+    };
+    let trace_state = request
+        .headers
+        .get(b"tracestate")
+        .filter(|v| trace_context::validate_tracestate(v).is_ok())
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_string);
+    let (ids, origin, keep) = match parsed {
+        Ok(parent) => {
+            let keep = sampler.keep(&parent.trace_id, Some(parent.sampled()));
+            (Some(SpanIds::child(parent.trace_id, parent.parent_id, trace_state)), "traceparent", keep)
+        }
+        Err(reason) => {
+            if reason != "absent" {
+                *stats.traceparent_invalid.entry(reason).or_default() += 1;
+            }
+            // Truncated before any traceparent showed: it may be in the bytes not captured.
+            let origin = if reason == "absent" && head.truncated {
+                "hoptrace (head truncated before any traceparent)"
+            } else if reason == "absent" {
+                "hoptrace"
+            } else {
+                "hoptrace (invalid traceparent ignored)"
+            };
+            match untraced {
+                Untraced::Ignore => {
+                    stats.untraced_ignored += 1;
+                    (None, origin, false)
+                }
+                Untraced::NewTrace => {
+                    let ids = SpanIds::new_root();
+                    let keep = sampler.keep(&ids.trace_id, None);
+                    (Some(ids), origin, keep)
+                }
+            }
+        }
+    };
+    if !keep && ids.is_some() {
+        stats.not_sampled += 1;
+    }
+    let path = String::from_utf8_lossy(request.path());
+    Some(Pending {
+        stamp: head.stamp,
+        method: String::from_utf8_lossy(request.method).into_owned(),
+        path: path.chars().take(MAX_PATH).collect(),
+        ids: ids.filter(|_| keep),
+        trace_origin: origin,
+        first_on_connection,
+        truncated: head.truncated,
+    })
+}
+
+/// The hop span of a request (and its children), once its response head was seen.
+fn build_spans(
+    side: Side,
+    endpoint: &Endpoint,
+    request: Pending,
+    response: Stamp,
+    status: u16,
+    held_handshake: Option<(HopSpan, u64)>,
+    layers: &'static str,
+) -> Option<Vec<HopSpan>> {
+    let ids = request.ids?;
+    let mut attributes: Vec<(&'static str, Value)> = vec![
+        ("http.request.method", request.method.clone().into()),
+        ("url.path", request.path.clone().into()),
+        ("http.response.status_code", i64::from(status).into()),
+        ("network.protocol.name", "http".into()),
+        ("network.protocol.version", "1.1".into()),
+        ("hoptrace.layers", layers.into()),
+        ("hoptrace.trace_origin", request.trace_origin.into()),
+        ("hoptrace.connection.first_request", request.first_on_connection.into()),
+    ];
+    attributes.extend(endpoint_attributes(endpoint, side));
+    if request.truncated {
+        attributes.push(("hoptrace.uncertain", "request head larger than the captured prefix".into()));
+    }
+    let error = (status >= 500 && side == Side::Server).then(|| format!("HTTP {status}"));
+    let mut spans = Vec::new();
+    let hop = match side {
+        Side::Client => {
+            let req = request.stamp;
+            let mut start = req.enter_ns;
+            let mut events = vec![("request.to_kernel", req.enter_ns)];
+            if req.tcp_ns != 0 {
+                events.push(("request.tcp_queued", req.tcp_ns));
+            }
+            if response.tcp_ns != 0 {
+                events.push(("response.at_tcp", response.tcp_ns));
+            }
+            events.push(("response.to_app", response.exit_ns));
+            let mut handshake_child = None;
+            if let Some((mut handshake, _)) = held_handshake {
+                // The request that opened its connection includes the connect, as its child.
+                if handshake.start_ns <= start {
+                    start = handshake.start_ns;
+                    handshake.ids = SpanIds::child(ids.trace_id, ids.span_id, ids.trace_state.clone());
+                    handshake_child = Some(handshake);
+                } else {
+                    spans.push(handshake);
+                }
+            }
+            let hop = HopSpan {
+                ids: ids.clone(),
+                name: request.method.clone().into(),
+                role: Role::Client,
+                start_ns: start,
+                end_ns: response.exit_ns.max(start),
+                error,
+                attributes: with_hop(attributes, HOP_AGENT),
+                events,
+            };
+            spans.extend(handshake_child);
+            hop
+        }
+        Side::Server => {
+            let req = request.stamp;
+            // The request reached the host when its first segment reached TCP; without that
+            // layer, only when the application read it (said so).
+            let (start, start_known) = if req.tcp_ns != 0 && req.tcp_ns <= req.exit_ns {
+                (req.tcp_ns, true)
+            } else {
+                (req.exit_ns, false)
+            };
+            let end = if response.tcp_ns != 0 { response.tcp_ns } else { response.exit_ns };
+            let end = end.max(start);
+            let mut attributes = with_hop(attributes, HOP_PERSONA);
+            if !start_known {
+                attributes.push(("hoptrace.uncertain", "start: arrival at TCP not seen; from the application's read".into()));
+            }
+            let kernel_rx = req.exit_ns.saturating_sub(start);
+            let app = response.enter_ns.saturating_sub(req.exit_ns);
+            let kernel_tx = end.saturating_sub(response.enter_ns.max(start));
+            attributes.push(("hoptrace.kernel_receive_ns", (kernel_rx as i64).into()));
+            attributes.push(("hoptrace.application_ns", (app as i64).into()));
+            attributes.push(("hoptrace.kernel_send_ns", (kernel_tx as i64).into()));
+            let child = |name: &'static str, from: u64, to: u64| HopSpan {
+                ids: SpanIds::child(ids.trace_id, ids.span_id, ids.trace_state.clone()),
+                name: name.into(),
+                role: Role::Internal,
+                start_ns: from.clamp(start, end),
+                end_ns: to.clamp(start, end).max(from.clamp(start, end)),
+                error: None,
+                attributes: vec![("hoptrace.hop", HOP_PERSONA.into())],
+                events: Vec::new(),
+            };
+            if start_known {
+                spans.push(child("kernel receive", start, req.exit_ns));
+            }
+            spans.push(child("application", req.exit_ns, response.enter_ns));
+            if response.tcp_ns != 0 {
+                spans.push(child("kernel send", response.enter_ns, response.tcp_ns));
+            }
+            if let Some((mut handshake, _)) = held_handshake {
+                // The accept precedes the request: a sibling under the same parent, not a child
+                // (a child never starts before its parent).
+                handshake.ids = match ids.parent_id {
+                    Some(parent) => SpanIds::child(ids.trace_id, parent, ids.trace_state.clone()),
+                    None => SpanIds { span_id: handshake.ids.span_id, ..ids.clone() },
+                };
+                spans.push(handshake);
+            }
+            HopSpan {
+                ids,
+                name: request.method.into(),
+                role: Role::Server,
+                start_ns: start,
+                end_ns: end,
+                error,
+                attributes,
+                events: vec![
+                    ("request.to_app", req.exit_ns),
+                    ("response.from_app", response.enter_ns),
+                ],
+            }
+        }
+    };
+    spans.insert(0, hop);
+    Some(spans)
+}
+
+fn with_hop(mut attributes: Vec<(&'static str, Value)>, hop: &'static str) -> Vec<(&'static str, Value)> {
+    attributes.insert(0, ("hoptrace.hop", hop.into()));
+    attributes
+}
+
+fn endpoint_attributes(endpoint: &Endpoint, side: Side) -> Vec<(&'static str, Value)> {
+    let mut attributes = vec![("hoptrace.netns", i64::from(endpoint.netns).into())];
+    if let Some((ip, port)) = endpoint.local {
+        attributes.push(("network.local.address", ip.to_string().into()));
+        attributes.push(("network.local.port", i64::from(port).into()));
+    }
+    if let Some((ip, port)) = endpoint.peer {
+        attributes.push(("network.peer.address", ip.to_string().into()));
+        attributes.push(("network.peer.port", i64::from(port).into()));
+    }
+    let server = if side == Side::Client { endpoint.peer } else { endpoint.local };
+    if let Some((ip, port)) = server {
+        attributes.push(("server.address", ip.to_string().into()));
+        attributes.push(("server.port", i64::from(port).into()));
+    }
+    if endpoint.tgid != 0 {
+        attributes.push(("process.pid", i64::from(endpoint.tgid).into()));
+        attributes.push(("process.executable.name", endpoint.comm.clone().into()));
+    }
+    attributes
+}
+
+fn endpoint(event: &DataEvent) -> Endpoint {
+    let address = |bytes: &[u8; 16]| {
+        if u16::from(event.family) == AF_INET6 {
+            IpAddr::V6(Ipv6Addr::from(*bytes))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+        }
+    };
+    let comm_len = event.comm.iter().position(|&b| b == 0).unwrap_or(event.comm.len());
+    Endpoint {
+        tgid: event.header.tgid,
+        comm: String::from_utf8_lossy(&event.comm[..comm_len]).into_owned(),
+        netns: event.netns_ino,
+        local: Some((address(&event.saddr), event.sport)),
+        peer: Some((address(&event.daddr), event.dport)),
+    }
+}
