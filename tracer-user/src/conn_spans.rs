@@ -175,7 +175,7 @@ mod tests {
     #[test]
     fn a_completed_connect_spans_from_connect_to_syn_ack() {
         let span = span_for(&event(SYN_SENT, ESTABLISHED)).unwrap();
-        assert_eq!((span.name, span.role, span.duration_ns()), (CONNECT, Role::Client, 20_000_000));
+        assert_eq!((span.name.as_ref(), span.role, span.duration_ns()), (CONNECT, Role::Client, 20_000_000));
         assert_eq!(span.error, None);
         assert_eq!(span.attr("hoptrace.hop"), Some(&Value::from(HOP_AGENT)));
         assert_eq!(span.attr("server.address"), Some(&Value::from("10.10.2.2".to_string())));
@@ -203,7 +203,7 @@ mod tests {
         accepted.srtt_us = 20_000;
         accepted.phase_start_ns = 0;
         let span = span_for(&accepted).unwrap();
-        assert_eq!((span.name, span.role, span.duration_ns()), (ACCEPT, Role::Server, 20_000_000));
+        assert_eq!((span.name.as_ref(), span.role, span.duration_ns()), (ACCEPT, Role::Server, 20_000_000));
         assert_eq!(span.attr("hoptrace.hop"), Some(&Value::from(HOP_PERSONA)));
         assert_eq!(span.attr("server.port"), Some(&Value::Int(41000)));
     }
@@ -225,7 +225,7 @@ mod tests {
         let mut reset = event(ESTABLISHED, CLOSE);
         reset.sk_err = libc::ECONNRESET;
         let span = span_for(&reset).unwrap();
-        assert_eq!((span.name, span.role), (ABORT, Role::Internal));
+        assert_eq!((span.name.as_ref(), span.role), (ABORT, Role::Internal));
         assert!(span.error.unwrap().contains("reset by peer"));
     }
 

@@ -72,10 +72,14 @@ impl Sampler {
 /// The W3C Level 2 / OTel rule: compare the trace id's last 56 bits (its random part) with the
 /// ratio's threshold.
 fn ratio_keeps(ratio: f64, trace_id: &[u8; 16]) -> bool {
+    if ratio >= 1.0 {
+        return true;
+    }
     let mut low = [0u8; 8];
     low[1..].copy_from_slice(&trace_id[9..16]);
-    let value = u64::from_be_bytes(low);
-    (value as f64) < ratio * (1u64 << 56) as f64
+    // Integer comparison: 2^56 - 1 as f64 would round up to 2^56.
+    let threshold = (ratio * (1u64 << 56) as f64) as u64;
+    u64::from_be_bytes(low) < threshold
 }
 
 /// What to do with a request that carries no (valid) traceparent.
