@@ -725,3 +725,7 @@ fn endpoint(event: &DataEvent) -> Endpoint {
         peer: Some((address(&event.daddr), event.dport)),
     }
 }
+
+#[cfg(test)]
+#[path = "requests_tests.rs"]
+mod tests;
