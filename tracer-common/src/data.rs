@@ -19,6 +19,9 @@ pub mod buffer_kind {
     pub const IOVEC: u8 = 1;
     /// sendmsg/recvmsg: a user_msghdr pointing at an iovec array.
     pub const MSGHDR: u8 = 2;
+    /// sendfile: bytes straight from a file, nothing to copy; recorded so that stream
+    /// positions stay right (nginx sends bodies this way, heads with writev).
+    pub const NONE: u8 = 3;
 }
 
 /// One send or receive on an observed socket. Only the first `captured` bytes of `data` are

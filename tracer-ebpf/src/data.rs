@@ -1,7 +1,8 @@
 //! Socket data with per-layer timestamps, from stable tracepoints only (no kprobes):
-//! - `syscalls:sys_enter_*` / `sys_exit_*` of write, writev, sendto, sendmsg, read, readv,
-//!   recvfrom, recvmsg: when the application hands bytes over or gets them, and the bytes
-//!   themselves (a receive buffer is only filled at exit, so its pointer is kept from entry);
+//! - `syscalls:sys_enter_*` / `sys_exit_*` of write, writev, sendto, sendmsg, sendfile64, read,
+//!   readv, recvfrom, recvmsg: when the application hands bytes over or gets them, and the
+//!   bytes themselves (a receive buffer is only filled at exit, so its pointer is kept from
+//!   entry; sendfile's come from a file and are only counted);
 //! - `sock:sock_send_length` / `sock_recv_length` (Linux 6.4+), which fire inside those
 //!   syscalls with the `struct sock`: they tell which syscalls touched a TCP socket in scope,
 //!   and when TCP had queued the bytes of a send;
@@ -86,6 +87,7 @@ syscall_probes! {
     sys_enter_recvfrom / sys_exit_recvfrom: DIRECTION_RECV, buffer_kind::PLAIN;
     sys_enter_readv / sys_exit_readv: DIRECTION_RECV, buffer_kind::IOVEC;
     sys_enter_recvmsg / sys_exit_recvmsg: DIRECTION_RECV, buffer_kind::MSGHDR;
+    sys_enter_sendfile64 / sys_exit_sendfile64: DIRECTION_SEND, buffer_kind::NONE;
 }
 
 #[inline(always)]

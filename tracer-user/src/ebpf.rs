@@ -95,6 +95,7 @@ pub fn agent_probes() -> Vec<TracepointProbe> {
     probes.extend(syscall_pair!("sys_enter_sendto", "sys_exit_sendto", "buff", "len"));
     probes.extend(syscall_pair!("sys_enter_writev", "sys_exit_writev", "vec", "vlen"));
     probes.extend(syscall_pair!("sys_enter_sendmsg", "sys_exit_sendmsg", "msg", "flags"));
+    probes.extend(syscall_pair!("sys_enter_sendfile64", "sys_exit_sendfile64", "in_fd", "offset"));
     probes.extend(syscall_pair!("sys_enter_read", "sys_exit_read", "buf", "count"));
     probes.extend(syscall_pair!("sys_enter_recvfrom", "sys_exit_recvfrom", "ubuf", "size"));
     probes.extend(syscall_pair!("sys_enter_readv", "sys_exit_readv", "vec", "vlen"));

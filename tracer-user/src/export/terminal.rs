@@ -29,7 +29,7 @@ impl TerminalExporter {
         if !self.header_printed.swap(true, Ordering::Relaxed) {
             let _ = writeln!(
                 out,
-                "# service {}: time (UTC)  span  hop  duration  status  process  client -> server  [detail]",
+                "# service {}: time (UTC)  trace  span  hop  duration  status  process  client -> server  [detail]",
                 self.service
             );
         }
@@ -58,23 +58,35 @@ pub fn format_span(span: &SpanData) -> String {
         (Some(name), Some(pid)) => format!("{name}[{pid}]"),
         _ => "-".into(),
     };
-    let local = format!("{}:{}", text("network.local.address"), text("network.local.port"));
-    let peer = format!("{}:{}", text("network.peer.address"), text("network.peer.port"));
-    // Always client -> server, whichever side observed it.
-    let flow = if span.span_kind == opentelemetry::trace::SpanKind::Server {
-        format!("{peer} -> {local}")
-    } else {
-        format!("{local} -> {peer}")
-    };
     let since_epoch = span.start_time.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs_of_day = since_epoch.as_secs() % 86_400;
+    let trace = span.span_context.trace_id().to_string();
+    let name = match (attr("http.request.method"), attr("url.path"), attr("http.response.status_code")) {
+        (Some(method), Some(path), Some(status)) => format!("{method} {path} {status}"),
+        _ if attr("network.peer.address").is_none() => format!("  - {}", span.name),
+        _ => span.name.to_string(),
+    };
+    let flow = match (attr("network.local.address"), attr("network.peer.address")) {
+        (Some(_), Some(_)) => {
+            let local = format!("{}:{}", text("network.local.address"), text("network.local.port"));
+            let peer = format!("{}:{}", text("network.peer.address"), text("network.peer.port"));
+            // Always client -> server, whichever side observed it.
+            if span.span_kind == opentelemetry::trace::SpanKind::Server {
+                format!("{peer} -> {local}")
+            } else {
+                format!("{local} -> {peer}")
+            }
+        }
+        _ => String::new(),
+    };
     let mut line = format!(
-        "{:02}:{:02}:{:02}.{:06}  {:<12} {:<8} {}{:>9.3} ms  {:<5}  {:<16} {}",
+        "{:02}:{:02}:{:02}.{:06}  {}  {:<22} {:<8} {}{:>9.3} ms  {:<5}  {:<16} {}",
         secs_of_day / 3600,
         secs_of_day / 60 % 60,
         secs_of_day % 60,
         since_epoch.subsec_micros(),
-        span.name,
+        &trace[..8],
+        name,
         text("hoptrace.hop"),
         if uncertain.is_some() { "~" } else { " " },
         duration.as_secs_f64() * 1e3,

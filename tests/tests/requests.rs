@@ -1,0 +1,226 @@
+//! End-to-end request timelines: the real agent watching the lab's agent and persona namespaces,
+//! real clients (curl, a Python raw-socket client for pipelining and split writes) and servers
+//! (nginx, Python), spans checked at a real OTLP receiver.
+
+use std::time::Duration;
+
+use hoptrace_tests::{
+    agent::Agent,
+    receiver::{OtlpReceiver, ReceivedSpan, span_kind},
+};
+use xtask::lab::{Direction, Host, Lab, LabConfig, PERSONA_IP};
+
+const TOLERANCE: Duration = Duration::from_millis(2);
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT_ID: &str = "00f067aa0ba902b7";
+
+fn traceparent(trace_id: &str, flags: &str) -> String {
+    format!("traceparent: 00-{trace_id}-{PARENT_ID}-{flags}")
+}
+
+struct Setup {
+    lab: Lab,
+    receiver: OtlpReceiver,
+    agent: Agent,
+}
+
+fn setup(extra_env: &[(&str, &str)]) -> Setup {
+    let lab = Lab::start(LabConfig::default()).expect("lab");
+    let receiver = OtlpReceiver::start().expect("receiver");
+    let endpoint = receiver.grpc_endpoint();
+    let mut env = vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")];
+    env.extend_from_slice(extra_env);
+    let agent = Agent::start(
+        &["--netns", lab.netns(Host::Agent).name(), "--netns", lab.netns(Host::Persona).name()],
+        &env,
+    )
+    .expect("agent");
+    Setup { lab, receiver, agent }
+}
+
+fn curl(lab: &Lab, args: &[&str]) {
+    let mut argv = vec!["curl", "-sS", "-o", "/dev/null", "--max-time", "5"];
+    argv.extend_from_slice(args);
+    lab.run(Host::Agent, &argv).expect("curl");
+}
+
+/// Runs a Python client in the agent namespace that talks raw HTTP/1.1 to `port`.
+fn python_client(lab: &Lab, script: &str) {
+    let out = lab.run(Host::Agent, &["python3", "-c", script]).expect("python client");
+    assert!(out.status.success());
+}
+
+fn http_spans<'a>(spans: &'a [ReceivedSpan], hop: &str) -> Vec<&'a ReceivedSpan> {
+    let mut found: Vec<_> = spans
+        .iter()
+        .filter(|s| s.attr_str("hoptrace.hop") == Some(hop) && s.attr_str("http.request.method").is_some())
+        .collect();
+    found.sort_by_key(|s| s.start_time_unix_nano);
+    found
+}
+
+fn wait_http(receiver: &OtlpReceiver, agent_spans: usize, persona_spans: usize) -> Vec<ReceivedSpan> {
+    receiver
+        .try_wait_for_spans(
+            |spans| {
+                let owned: Vec<ReceivedSpan> = spans.to_vec();
+                http_spans(&owned, "agent").len() >= agent_spans && http_spans(&owned, "persona").len() >= persona_spans
+            },
+            Duration::from_secs(15),
+        )
+        .unwrap_or_else(|e| panic!("waiting for {agent_spans} agent and {persona_spans} persona request spans: {e:#}"))
+}
+
+fn assert_close(actual: Duration, expected: Duration, what: &str) {
+    let diff = if actual > expected { actual - expected } else { expected - actual };
+    assert!(diff <= TOLERANCE, "{what}: {actual:?}, expected {expected:?} +- {TOLERANCE:?}");
+}
+
+#[test]
+fn a_traceparent_yields_agent_and_persona_spans_under_its_parent_with_the_delays_between_them() {
+    let s = setup(&[]);
+    s.lab.set_delay(Direction::Forward, Duration::from_millis(20)).unwrap();
+    s.lab.set_delay(Direction::Return, Duration::from_millis(10)).unwrap();
+    // Two requests on one keep-alive connection: the first includes the connect.
+    let url = s.lab.nginx_url("/");
+    curl(&s.lab, &["-H", &traceparent(TRACE_ID, "01"), &url, &url]);
+    let spans = wait_http(&s.receiver, 2, 2);
+    let agent = http_spans(&spans, "agent");
+    let persona = http_spans(&spans, "persona");
+    for span in agent.iter().chain(&persona) {
+        assert_eq!(span.trace_id, TRACE_ID, "{span:#?}");
+        assert_eq!(span.parent_span_id, PARENT_ID, "{span:#?}");
+        assert_eq!(span.attr_str("http.request.method"), Some("GET"));
+        assert_eq!(span.attr_str("url.path"), Some("/"));
+        assert_eq!(span.attr_i64("http.response.status_code"), Some(200));
+        assert_eq!(span.attr_str("hoptrace.trace_origin"), Some("traceparent"));
+    }
+    assert_eq!(agent[0].kind, span_kind::CLIENT);
+    assert_eq!(persona[0].kind, span_kind::SERVER);
+    assert_eq!(agent[0].attr_str("process.executable.name"), Some("curl"));
+    assert_eq!(persona[0].attr_str("process.executable.name"), Some("nginx"));
+    // The agent span minus the persona span is the time in the network and the fw: here the
+    // injected delays (both directions), for the keep-alive request.
+    let outside = agent[1].duration().saturating_sub(persona[1].duration());
+    assert_close(outside, Duration::from_millis(30), "keep-alive request: agent - persona");
+    // The first request also waited for the handshake: one more round trip.
+    let outside_first = agent[0].duration().saturating_sub(persona[0].duration());
+    assert_close(outside_first, Duration::from_millis(60), "first request incl. connect: agent - persona");
+    assert_eq!(agent[0].attr_bool("hoptrace.connection.first_request"), Some(true));
+    assert_eq!(agent[1].attr_bool("hoptrace.connection.first_request"), Some(false));
+    // The connect is the first request's child; the persona's parts are the persona span's.
+    let connect = spans.iter().find(|x| x.name == "tcp.connect").expect("connect span");
+    assert_eq!((connect.trace_id.as_str(), connect.parent_span_id.as_str()), (TRACE_ID, agent[0].span_id.as_str()));
+    assert_close(connect.duration(), Duration::from_millis(30), "connect");
+    for part in ["kernel receive", "application", "kernel send"] {
+        let child = spans
+            .iter()
+            .find(|x| x.name == part && x.parent_span_id == persona[1].span_id)
+            .unwrap_or_else(|| panic!("no {part} under the persona span: {spans:#?}"));
+        assert!(child.start_time() >= persona[1].start_time() && child.end_time() <= persona[1].end_time());
+    }
+    // The persona span starts when the request reached the persona host, after the forward delay.
+    assert!(persona[1].start_time() > agent[1].start_time() + Duration::from_millis(19));
+}
+
+#[test]
+fn pipelined_and_split_requests_each_get_their_own_span() {
+    let s = setup(&[]);
+    // Three pipelined requests in one write, then one request whose head is written in three
+    // pieces with the traceparent in the last, on the same connection.
+    let script = format!(
+        r#"
+import socket, time
+s = socket.create_connection(("{PERSONA_IP}", 80))
+tp = "00-{TRACE_ID}-{PARENT_ID}-01"
+reqs = "".join(f"GET /?n={{i}} HTTP/1.1\r\nHost: p\r\ntraceparent: {{tp}}\r\n\r\n" for i in range(3))
+s.sendall(reqs.encode())
+got = b""
+while got.count(b"HTTP/1.1 200") < 3:
+    got += s.recv(65536)
+for piece in [b"GET /split HTTP/1.1\r\n", b"Host: p\r\n", ("traceparent: " + tp + "\r\n\r\n").encode()]:
+    s.sendall(piece); time.sleep(0.02)
+got = b""
+while b"\r\n\r\n" not in got:
+    got += s.recv(65536)
+s.close()
+"#
+    );
+    python_client(&s.lab, &script);
+    let spans = wait_http(&s.receiver, 4, 4);
+    let agent = http_spans(&spans, "agent");
+    let persona = http_spans(&spans, "persona");
+    assert_eq!(agent.len(), 4, "{agent:#?}");
+    assert_eq!(persona.len(), 4, "{persona:#?}");
+    for span in agent.iter().chain(&persona) {
+        assert_eq!(span.trace_id, TRACE_ID);
+    }
+    // The split request: nginx answers 404 for /split.
+    assert_eq!(agent[3].attr_str("url.path"), Some("/split"));
+    assert_eq!(agent[3].attr_i64("http.response.status_code"), Some(404));
+    assert_eq!(agent[0].attr_str("url.path"), Some("/"), "the query is stripped");
+}
+
+#[test]
+fn sampling_and_untraced_requests_follow_the_configuration() {
+    let s = setup(&[("HOPTRACE_UNTRACED", "ignore")]);
+    let url = s.lab.nginx_url("/");
+    // Not sampled by the caller: no span (parent-based sampling).
+    curl(&s.lab, &["-H", &traceparent("11111111111111111111111111111111", "00"), &url]);
+    // No traceparent, policy ignore: no span.
+    curl(&s.lab, &[&url]);
+    // Sampled: spans.
+    curl(&s.lab, &["-H", &traceparent(TRACE_ID, "01"), &url]);
+    let spans = wait_http(&s.receiver, 1, 1);
+    let mut agent = s.agent;
+    agent.stop().unwrap();
+    let all = s.receiver.spans();
+    let http: Vec<_> = all.iter().filter(|x| x.attr_str("http.request.method").is_some()).collect();
+    assert_eq!(http.len(), 2, "only the sampled request: {http:#?}");
+    assert!(http.iter().all(|x| x.trace_id == TRACE_ID));
+    let log = agent.stderr();
+    assert!(log.contains("not sampled 2") && log.contains("untraced ignored 2"), "{log}");
+    drop(spans);
+}
+
+#[test]
+fn bad_input_is_counted_and_never_exported_as_valid() {
+    let s = setup(&[]);
+    let url = s.lab.nginx_url("/");
+    // Uppercase hex is invalid per W3C: a new trace, marked, never the given id.
+    let upper = "4BF92F3577B34DA6A3CE929D0E0E4736";
+    curl(&s.lab, &["-H", &traceparent(upper, "01"), &url]);
+    // A 64 KiB header before the traceparent: beyond what the kernel copies.
+    let big = format!("X-Big: {}", "a".repeat(64 * 1024));
+    let _ = s.lab.exec(Host::Agent, &["curl", "-sS", "-o", "/dev/null", "--max-time", "5", "-H", &big, "-H", &traceparent(TRACE_ID, "01"), &url]).output();
+    // Binary garbage on the HTTP port, and a request cut short by a reset.
+    python_client(
+        &s.lab,
+        &format!(
+            r#"
+import socket, struct, os
+s = socket.create_connection(("{PERSONA_IP}", 80)); s.sendall(os.urandom(2000)); s.close()
+s = socket.create_connection(("{PERSONA_IP}", 80)); s.sendall(b"GET /half HTTP/1.1\r\nHost: p\r\ntracepa")
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)); s.close()
+"#
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let mut agent = s.agent;
+    assert!(agent.stop().unwrap().success(), "{}", agent.stderr());
+    let all = s.receiver.spans();
+    assert!(all.iter().all(|x| x.trace_id != upper.to_lowercase()), "uppercase id exported");
+    assert!(all.iter().all(|x| x.trace_id != TRACE_ID), "traceparent beyond the capture was invented");
+    assert!(all.iter().all(|x| x.attr_str("url.path") != Some("/half")), "half-sent request got a span");
+    let upper_span = all
+        .iter()
+        .find(|x| x.attr_str("hoptrace.trace_origin") == Some("hoptrace (invalid traceparent ignored)"))
+        .expect("the uppercase request's span says its context was ignored");
+    assert_eq!(upper_span.attr_str("url.path"), Some("/"));
+    let log = agent.stderr();
+    // Counted once on each side (agent and persona sockets).
+    assert!(log.contains("\"uppercase_hex\": 2"), "{log}");
+    assert!(log.contains("truncated heads 1") || log.contains("truncated heads 2"), "{log}");
+    assert!(!log.contains("non-HTTP records 0"), "garbage counted: {log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
