@@ -101,29 +101,40 @@ fn demo(forward_ms: u64, return_ms: u64) -> anyhow::Result<()> {
     println!("== hoptrace agent observes the agent and persona namespaces, not the fw (it cannot speak)\n");
     let mut agent = AgentProcess::start(&bin, &lab)?;
 
+    // As an SDK-instrumented agent would: each request carries the caller's trace context.
+    // Trace ids differ in their first digits, which the terminal shows.
+    let traceparent = |n: u32| format!("traceparent: 00-{:08x}77b34da6a3ce929d0e0e4736-{:016x}-01", 0x4bf9_2f30 + n, 0xa3ce_929d_0000_0000_u64 | u64::from(n));
     let requests = [
-        ("nginx", lab.nginx_url("/")),
-        ("nginx, 64 KiB body", lab.nginx_url("/big")),
-        ("python http.server", lab.python_url("/")),
-        ("nothing listening", format!("http://{PERSONA_IP}:81/")),
+        ("nginx, two requests on one keep-alive connection", vec![lab.nginx_url("/"), lab.nginx_url("/big")]),
+        ("python http.server", vec![lab.python_url("/")]),
+        ("nothing listening", vec![format!("http://{PERSONA_IP}:81/")]),
     ];
-    for (what, url) in &requests {
-        let output = lab
-            .exec(Host::Agent, &["curl", "-sS", "-o", "/dev/null", "-w", "%{time_connect}", "--max-time", "3", url])
-            .output()?;
-        let connect = String::from_utf8_lossy(&output.stdout);
-        let seen_by_curl = connect.trim().parse::<f64>().map_or("failed".to_string(), |s| format!("{:.3} ms", s * 1e3));
-        println!("-- curl {url} ({what}): curl's own connect time {seen_by_curl}");
-        thread::sleep(Duration::from_millis(200));
+    for (n, (what, urls)) in requests.iter().enumerate() {
+        let header = traceparent(n as u32 + 1);
+        let mut argv = vec!["curl", "-sS", "-o", "/dev/null", "-o", "/dev/null", "-w", "%{time_total} ", "--max-time", "3", "-H", &header];
+        argv.extend(urls.iter().map(String::as_str));
+        let output = lab.exec(Host::Agent, &argv).output()?;
+        let totals: Vec<String> = String::from_utf8_lossy(&output.stdout)
+            .split_whitespace()
+            .filter_map(|t| t.parse::<f64>().ok())
+            .map(|s| format!("{:.3} ms", s * 1e3))
+            .collect();
+        println!("-- curl {} ({what}) with {header}: curl's own total {}", urls.join(" "), if totals.is_empty() { "failed".into() } else { totals.join(", ") });
+        thread::sleep(Duration::from_millis(300));
     }
     thread::sleep(Duration::from_millis(500));
     agent.stop();
+    let rtt = forward_ms + return_ms;
     println!(
-        "\nread it: tcp.connect (agent) lasts forward + return delay = {} ms, the SYN's round trip \
-         through the fw;\ntcp.accept (persona) lasts the SYN-ACK's round trip = the same {} ms seen \
-         from the other side;\nthe refused connect to :81 is an ERROR span with its reason.",
-        forward_ms + return_ms,
-        forward_ms + return_ms,
+        "\nread it (spans of one request share its trace id, the first column after the time):\n\
+         - GET ... agent: from curl handing the request to its kernel to the response reaching curl;\n\
+         \x20 the first request of a connection starts at the connect, its tcp.connect child lasts {rtt} ms\n\
+         \x20 (forward {forward_ms} + return {return_ms} through the fw);\n\
+         - GET ... persona: from the request reaching the persona's TCP to the response queued, split into\n\
+         \x20 kernel receive / application / kernel send; agent minus persona = {rtt} ms per round trip in\n\
+         \x20 the network and the fw;\n\
+         - tcp.accept persona: the SYN-ACK's round trip seen from the server, {rtt} ms;\n\
+         - the connect to :81 is an ERROR span: refused."
     );
     Ok(())
 }
