@@ -18,7 +18,8 @@ DEBIAN_PACKAGES=(iproute2 iptables nginx-light wrk curl python3 tcpdump
 # clients that test that receiver (googleapis-common-protos pinned so protobuf stays 4.25.5).
 PYTHON_PACKAGES=(opentelemetry-proto==1.27.0 grpcio==1.66.2 protobuf==4.25.5
   opentelemetry-sdk==1.27.0 opentelemetry-exporter-otlp-proto-grpc==1.27.0
-  opentelemetry-exporter-otlp-proto-http==1.27.0 googleapis-common-protos==1.65.0)
+  opentelemetry-exporter-otlp-proto-http==1.27.0 googleapis-common-protos==1.65.0
+  kubernetes-validate==1.37.0)   # Kubernetes schemas shipped in the package: deploy/ tests
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -45,7 +46,8 @@ install_debian_packages() {
 
 install_python_packages() {
   if python3 -c 'import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc,
-import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.proto.http' 2>/dev/null; then
+import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.proto.http
+import kubernetes_validate, yaml' 2>/dev/null; then
     return
   fi
   log "installing Python packages: ${PYTHON_PACKAGES[*]}"
@@ -86,6 +88,10 @@ install_bpf_linker() {
 }
 
 mount_kernel_filesystems() {
+  # Image builds (deploy/Dockerfile) cannot mount anything; the host provides the mounts there.
+  if [ -n "${HOPTRACE_SKIP_MOUNTS:-}" ]; then
+    log "HOPTRACE_SKIP_MOUNTS is set: not mounting tracefs or bpffs"; return
+  fi
   if ! mountpoint -q /sys/kernel/tracing; then
     log "mounting tracefs at /sys/kernel/tracing"
     mount -t tracefs tracefs /sys/kernel/tracing

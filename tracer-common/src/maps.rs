@@ -18,6 +18,8 @@ pub mod globals {
     pub const FILTER_NETNS: &str = "FILTER_NETNS";
     pub const FILTER_PID: &str = "FILTER_PID";
     pub const FILTER_PORT: &str = "FILTER_PORT";
+    /// u32: the agent's own pid, never observed (its export traffic would loop).
+    pub const SELF_TGID: &str = "SELF_TGID";
     /// Byte offsets into kernel structures, resolved from the running kernel's BTF by user
     /// space (CO-RE done by the loader, since Rust eBPF has no field relocations yet).
     pub const KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";

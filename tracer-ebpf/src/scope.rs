@@ -13,6 +13,9 @@ static FILTER_NETNS: u32 = 0;
 static FILTER_PID: u32 = 0;
 #[unsafe(no_mangle)]
 static FILTER_PORT: u32 = 0;
+/// The agent's own process id: its export connections must never be traced (a loop).
+#[unsafe(no_mangle)]
+static SELF_TGID: u32 = 0;
 #[unsafe(no_mangle)]
 static KERNEL_OFFSETS: KernelOffsets = KernelOffsets::ZERO;
 
@@ -36,7 +39,8 @@ pub fn netns_in_scope(netns_ino: u32) -> bool {
 }
 
 pub fn pid_in_scope(tgid: u32) -> bool {
-    !enabled(&FILTER_PID) || unsafe { PID_FILTER.get(&tgid) }.is_some()
+    let own = unsafe { core::ptr::read_volatile(&SELF_TGID) };
+    tgid != own && (!enabled(&FILTER_PID) || unsafe { PID_FILTER.get(&tgid) }.is_some())
 }
 
 pub fn ports_in_scope(local: u16, remote: u16) -> bool {

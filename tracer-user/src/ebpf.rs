@@ -201,6 +201,7 @@ pub fn load_object(scope: &Scope, offsets: &KernelOffsets) -> anyhow::Result<Ebp
         .override_global(globals::FILTER_NETNS, &netns, true)
         .override_global(globals::FILTER_PID, &pids, true)
         .override_global(globals::FILTER_PORT, &ports, true)
+        .override_global(globals::SELF_TGID, &std::process::id(), true)
         .override_global(globals::KERNEL_OFFSETS, offsets, true)
         .load(OBJECT)
         .map_err(|e| explain_load_error(e.into()))

@@ -40,13 +40,13 @@ enum Command {
     Agent {
         /// Observe only this network namespace: a name as `ip netns` shows it, or a path such as
         /// /proc/PID/ns/net. Repeatable. Default: every namespace.
-        #[arg(long = "netns", value_name = "NAME|PATH")]
+        #[arg(long = "netns", value_name = "NAME|PATH", env = "HOPTRACE_NETNS", value_delimiter = ',')]
         netns: Vec<String>,
         /// Observe only sockets of this process id (connecting or listening). Repeatable.
-        #[arg(long = "pid", value_name = "PID")]
+        #[arg(long = "pid", value_name = "PID", env = "HOPTRACE_PIDS", value_delimiter = ',')]
         pids: Vec<u32>,
         /// Observe only connections with this local or remote TCP port. Repeatable.
-        #[arg(long = "port", value_name = "PORT")]
+        #[arg(long = "port", value_name = "PORT", env = "HOPTRACE_PORTS", value_delimiter = ',')]
         ports: Vec<u16>,
         /// OTLP endpoint; overrides OTEL_EXPORTER_OTLP_ENDPOINT.
         #[arg(long, value_name = "URL")]
@@ -59,7 +59,7 @@ enum Command {
         #[arg(long, env = "HOPTRACE_UNTRACED", default_value = "new-trace", value_parser = sampling::Untraced::parse)]
         untraced: sampling::Untraced,
         /// How long stopping may take to flush pending spans, in seconds.
-        #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+        #[arg(long, default_value_t = 5.0, value_name = "SECONDS", env = "HOPTRACE_SHUTDOWN_TIMEOUT")]
         shutdown_timeout: f64,
     },
 }
