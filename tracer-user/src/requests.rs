@@ -4,8 +4,8 @@
 //! is the records' kernel timestamps; `sweep` is told what time it is). Each socket has two byte
 //! streams (what it sends, what it receives); on a client socket requests go out and responses
 //! come in, on a server socket the other way round. A stream is cut into message heads by the
-//! HTTP/1.x parser in tracer-common, bodies are skipped by their length, and responses are
-//! matched to requests in order (HTTP/1.1 keeps order, including when pipelining).
+//! HTTP/1.x parser in tracer-common, bodies are skipped by their length or chunked framing, and
+//! responses are matched to requests in order (HTTP/1.1 keeps order, including when pipelining).
 //!
 //! Memory is bounded: sockets (idle ones are swept, at most `max_sockets`), requests in flight
 //! per socket, and head bytes buffered per stream. What is skipped is counted in [`Stats`].
@@ -140,8 +140,72 @@ enum Body {
     None,
     /// This many body bytes follow.
     Length(u64),
-    /// Unknown length (chunked, or until close): skip until something looks like a head.
+    /// Chunked (RFC 9112 §7.1), followed through its framing while its bytes are captured.
+    Chunked(Chunk),
+    /// Unknown length (until close, or chunked framing not seen): skip until something looks
+    /// like a head.
     UntilNextHead,
+}
+
+/// Where a chunked body is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Chunk {
+    /// In a chunk-size line: the size so far, whether a digit was seen, whether the digits
+    /// ended (an extension or the line's end follows).
+    Size { size: u64, digits: bool, ext: bool },
+    /// This many bytes of chunk data, with the CRLF after them, follow.
+    Data(u64),
+    /// In the trailer section; `empty` while the current line holds nothing but CR.
+    Trailer { empty: bool },
+}
+
+impl Chunk {
+    const START: Self = Self::Size { size: 0, digits: false, ext: false };
+}
+
+/// Follows chunked framing (a size line or the trailer section, never chunk data) over
+/// captured bytes: the bytes used and the body state after them. Framing that does not parse
+/// falls back to [`Body::UntilNextHead`].
+fn chunk_framing(mut chunk: Chunk, bytes: &[u8]) -> (usize, Body) {
+    for (i, &b) in bytes.iter().enumerate() {
+        let next = match chunk {
+            Chunk::Size { size, digits, ext } => match b {
+                b'\n' if !digits => Body::UntilNextHead,
+                b'\n' if size == 0 => Body::Chunked(Chunk::Trailer { empty: true }),
+                b'\n' => size.checked_add(2).map_or(Body::UntilNextHead, |n| Body::Chunked(Chunk::Data(n))),
+                _ if ext => continue,
+                _ => match char::from(b).to_digit(16) {
+                    Some(d) => match size.checked_mul(16).and_then(|s| s.checked_add(u64::from(d))) {
+                        Some(size) => {
+                            chunk = Chunk::Size { size, digits: true, ext };
+                            continue;
+                        }
+                        None => Body::UntilNextHead,
+                    },
+                    None if digits => {
+                        chunk = Chunk::Size { size, digits, ext: true };
+                        continue;
+                    }
+                    None => Body::UntilNextHead,
+                },
+            },
+            Chunk::Trailer { empty } => match b {
+                b'\n' if empty => Body::None,
+                b'\n' => {
+                    chunk = Chunk::Trailer { empty: true };
+                    continue;
+                }
+                b'\r' => continue,
+                _ => {
+                    chunk = Chunk::Trailer { empty: false };
+                    continue;
+                }
+            },
+            Chunk::Data(_) => return (0, Body::Chunked(chunk)), // the caller skips data
+        };
+        return (i + 1, next);
+    }
+    (bytes.len(), Body::Chunked(chunk))
 }
 
 /// One direction of a socket's byte stream.
@@ -177,13 +241,15 @@ impl Stream {
         len: u64,
         stamp: Stamp,
         starts_head: fn(&[u8]) -> bool,
-        head_info: fn(&[u8]) -> Option<(usize, Body)>,
+        mut head_info: impl FnMut(&[u8]) -> Option<(usize, Body)>,
         stats: &mut Stats,
     ) -> Vec<Head> {
         let mut heads = Vec::new();
         let mut at = 0usize; // offset into this record's bytes (may pass `data.len()`)
-        // Bounded: each turn consumes bytes or ends.
-        for _ in 0..=MAX_IN_FLIGHT {
+        // Bounded: each turn consumes a captured byte or more, or skips past the captured
+        // bytes (after which the next turn ends). Stopping earlier would leave the stream's
+        // state out of step with its bytes.
+        for _ in 0..data.len() + 3 {
             let remaining_total = len.saturating_sub(at as u64);
             if remaining_total == 0 {
                 break;
@@ -193,6 +259,22 @@ impl Stream {
                     let skip = n.min(remaining_total);
                     self.body = if skip == n { Body::None } else { Body::Length(n - skip) };
                     at += skip as usize;
+                    continue;
+                }
+                Body::Chunked(Chunk::Data(n)) => {
+                    let skip = n.min(remaining_total);
+                    self.body = Body::Chunked(if skip == n { Chunk::START } else { Chunk::Data(n - skip) });
+                    at += skip as usize;
+                    continue;
+                }
+                Body::Chunked(chunk) => {
+                    let Some(rest) = data.get(at..).filter(|r| !r.is_empty()) else {
+                        self.body = Body::UntilNextHead; // framing not captured: lost
+                        break;
+                    };
+                    let (used, body) = chunk_framing(chunk, rest);
+                    self.body = body;
+                    at += used;
                     continue;
                 }
                 Body::UntilNextHead if self.head.is_empty() => {
@@ -264,18 +346,37 @@ impl Stream {
     }
 }
 
-/// Where a request head ends and what body follows it.
+/// Where a request head ends and what body follows it; `None` while incomplete. A malformed
+/// head ends where its bytes do (the parser's errors are stable under extension: more bytes
+/// would not mend it), to be counted; the stream then waits for the next head.
 fn request_head_info(buf: &[u8]) -> Option<(usize, Body)> {
-    let head = http::parse_request_head(buf).ok()?;
-    let len = head.head_len?;
-    Some((len, body_after(&head.headers, true)))
+    match http::parse_request_head(buf) {
+        Ok(head) => Some((head.head_len?, body_after(&head.headers, true))),
+        Err(http::HttpError::Incomplete) => None,
+        Err(_) => Some((buf.len(), Body::UntilNextHead)),
+    }
 }
 
-fn response_head_info(buf: &[u8]) -> Option<(usize, Body)> {
-    let head = http::parse_response_head(buf).ok()?;
+/// As [`request_head_info`], for the response to the `answered`-th request in flight (when
+/// final: 1xx answer nothing). Counts the final and malformed heads it sees in `answered`, as
+/// `on_data` pops a request for each.
+fn response_head_info(buf: &[u8], in_flight: &VecDeque<Pending>, answered: &mut usize) -> Option<(usize, Body)> {
+    let head = match http::parse_response_head(buf) {
+        Ok(head) => head,
+        Err(http::HttpError::Incomplete) => return None,
+        Err(_) => {
+            *answered += 1;
+            return Some((buf.len(), Body::UntilNextHead));
+        }
+    };
     let len = head.head_len?;
-    // 1xx, 204 and 304 have no body (RFC 9112 §6.3).
-    if head.status < 200 || head.status == 204 || head.status == 304 {
+    if head.status < 200 {
+        return Some((len, Body::None));
+    }
+    let to_head = in_flight.get(*answered).is_some_and(|request| request.method == "HEAD");
+    *answered += 1;
+    // A response to HEAD, 204 and 304 have no body (RFC 9112 §6.3), whatever they declare.
+    if to_head || head.status == 204 || head.status == 304 {
         return Some((len, Body::None));
     }
     Some((len, body_after(&head.headers, false)))
@@ -283,7 +384,7 @@ fn response_head_info(buf: &[u8]) -> Option<(usize, Body)> {
 
 fn body_after(headers: &Headers<'_>, request: bool) -> Body {
     if headers.is_chunked() {
-        return Body::UntilNextHead;
+        return Body::Chunked(Chunk::START);
     }
     match headers.content_length() {
         Ok(Some(0)) => Body::None,
@@ -384,7 +485,9 @@ impl Assembler {
         let heads = if carries_requests {
             stream.feed(data, u64::from(event.len), stamp, http::looks_like_request, request_head_info, stats)
         } else {
-            stream.feed(data, u64::from(event.len), stamp, http::looks_like_response, response_head_info, stats)
+            let (in_flight, mut answered) = (&socket.in_flight, 0);
+            let info = |buf: &[u8]| response_head_info(buf, in_flight, &mut answered);
+            stream.feed(data, u64::from(event.len), stamp, http::looks_like_response, info, stats)
         };
         for head in heads {
             if carries_requests {
@@ -401,7 +504,9 @@ impl Assembler {
                 socket.in_flight.push_back(pending);
             } else {
                 let Ok(response) = http::parse_response_head(&head.bytes) else {
+                    // It still answers the oldest request: keep the later ones in step.
                     stats.heads_malformed += 1;
+                    socket.in_flight.pop_front();
                     continue;
                 };
                 if response.status < 200 {
