@@ -231,10 +231,20 @@ struct Head {
     bytes: Vec<u8>,
     stamp: Stamp,
     truncated: bool,
+    /// What follows the head: whether the message's end will be seen.
+    body: Body,
+}
+
+/// What a record completed, in stream order.
+enum Piece {
+    Head(Head),
+    /// The last byte of the current message's body moved in the record with this stamp.
+    BodyEnd(Stamp),
 }
 
 impl Stream {
-    /// Feeds one record's bytes (`captured` of `len` were copied); returns the heads completed.
+    /// Feeds one record's bytes (`captured` of `len` were copied); returns the heads and body
+    /// ends it completed.
     fn feed(
         &mut self,
         data: &[u8],
@@ -243,7 +253,7 @@ impl Stream {
         starts_head: fn(&[u8]) -> bool,
         mut head_info: impl FnMut(&[u8]) -> Option<(usize, Body)>,
         stats: &mut Stats,
-    ) -> Vec<Head> {
+    ) -> Vec<Piece> {
         let mut heads = Vec::new();
         let mut at = 0usize; // offset into this record's bytes (may pass `data.len()`)
         // Bounded: each turn consumes a captured byte or more, or skips past the captured
@@ -258,6 +268,9 @@ impl Stream {
                 Body::Length(n) => {
                     let skip = n.min(remaining_total);
                     self.body = if skip == n { Body::None } else { Body::Length(n - skip) };
+                    if skip == n {
+                        heads.push(Piece::BodyEnd(stamp));
+                    }
                     at += skip as usize;
                     continue;
                 }
@@ -274,6 +287,9 @@ impl Stream {
                     };
                     let (used, body) = chunk_framing(chunk, rest);
                     self.body = body;
+                    if body == Body::None {
+                        heads.push(Piece::BodyEnd(stamp));
+                    }
                     at += used;
                     continue;
                 }
@@ -290,8 +306,8 @@ impl Stream {
                 // The rest of this record was not captured.
                 if !self.head.is_empty() {
                     self.head_truncated = true;
-                    heads.push(self.take_head());
                     self.body = Body::UntilNextHead;
+                    heads.push(self.take_head());
                 }
                 break;
             };
@@ -310,14 +326,14 @@ impl Stream {
                 Some((head_len, body)) => {
                     let used_here = head_len.saturating_sub(before);
                     self.head.truncate(head_len);
-                    heads.push(self.take_head());
                     self.body = body;
+                    heads.push(self.take_head());
                     at += used_here;
                 }
                 None if self.head.len() >= MAX_HEAD => {
                     self.head_truncated = true;
-                    heads.push(self.take_head());
                     self.body = Body::UntilNextHead;
+                    heads.push(self.take_head());
                     break;
                 }
                 None => {
@@ -325,8 +341,8 @@ impl Stream {
                     // cut by the kernel's capture limit.
                     if (data.len() as u64) < len {
                         self.head_truncated = true;
-                        heads.push(self.take_head());
                         self.body = Body::UntilNextHead;
+                        heads.push(self.take_head());
                     }
                     break;
                 }
@@ -335,14 +351,16 @@ impl Stream {
         heads
     }
 
-    fn take_head(&mut self) -> Head {
+    /// The head completed (its body already set in `self.body`), as a piece of output.
+    fn take_head(&mut self) -> Piece {
         let head = Head {
             bytes: std::mem::take(&mut self.head),
             stamp: self.head_stamp,
             truncated: self.head_truncated,
+            body: self.body,
         };
         self.head_truncated = false;
-        head
+        Piece::Head(head)
     }
 }
 
@@ -419,6 +437,17 @@ struct Socket {
     outgoing: Stream,
     incoming: Stream,
     in_flight: VecDeque<Pending>,
+    /// A response whose head was seen and whose body is still moving.
+    answering: Option<Answer>,
+}
+
+/// A request with its response head, waiting for the response's last byte.
+#[derive(Debug)]
+struct Answer {
+    request: Pending,
+    head: Stamp,
+    status: u16,
+    held_handshake: Option<(HopSpan, u64)>,
 }
 
 pub struct Assembler {
@@ -489,7 +518,16 @@ impl Assembler {
             let info = |buf: &[u8]| response_head_info(buf, in_flight, &mut answered);
             stream.feed(data, u64::from(event.len), stamp, http::looks_like_response, info, stats)
         };
-        for head in heads {
+        for piece in heads {
+            let head = match piece {
+                Piece::BodyEnd(end) => {
+                    if !carries_requests && let Some(answer) = socket.answering.take() {
+                        finish(answer, Some(end), side, &socket.endpoint, config.layers, stats, out);
+                    }
+                    continue;
+                }
+                Piece::Head(head) => head,
+            };
             if carries_requests {
                 let first = socket.requests_seen == 0;
                 socket.requests_seen += 1;
@@ -512,15 +550,21 @@ impl Assembler {
                 if response.status < 200 {
                     continue; // interim (100 Continue): the final response follows
                 }
-                let status = response.status;
+                // A body whose end was never seen (its framing lost): that answer ends at its
+                // first byte, said so.
+                if let Some(answer) = socket.answering.take() {
+                    finish(answer, None, side, &socket.endpoint, config.layers, stats, out);
+                }
                 let Some(request) = socket.in_flight.pop_front() else {
                     stats.responses_unmatched += 1;
                     continue;
                 };
-                let held = if request.first_on_connection { socket.held_handshake.take() } else { None };
-                if let Some(spans) = build_spans(side, &socket.endpoint, request, head.stamp, status, held, config.layers) {
-                    stats.spans += 1;
-                    out.extend(spans);
+                let held_handshake = if request.first_on_connection { socket.held_handshake.take() } else { None };
+                let answer = Answer { request, head: head.stamp, status: response.status, held_handshake };
+                match head.body {
+                    Body::None => finish(answer, Some(head.stamp), side, &socket.endpoint, config.layers, stats, out),
+                    Body::UntilNextHead => finish(answer, None, side, &socket.endpoint, config.layers, stats, out),
+                    Body::Length(_) | Body::Chunked(_) => socket.answering = Some(answer),
                 }
             }
         }
@@ -555,6 +599,10 @@ impl Assembler {
     fn forget(&mut self, addr: u64, out: &mut Vec<HopSpan>) {
         if let Some(socket) = self.sockets.remove(&addr) {
             self.stats.requests_unanswered += socket.in_flight.len() as u64;
+            if let (Some(answer), Some(side)) = (socket.answering, socket.side) {
+                // The connection ended (or went idle) inside the body: the end is unknown.
+                finish(answer, None, side, &socket.endpoint, self.config.layers, &mut self.stats, out);
+            }
             out.extend(socket.held_handshake.map(|(span, _)| span));
         }
     }
@@ -657,16 +705,28 @@ fn parse_request(
     })
 }
 
-/// The hop span of a request (and its children), once its response head was seen.
-fn build_spans(
+/// Emits the spans of an answered request. `end` is the record that moved the response's last
+/// byte; `None` when that is unknown, and then the span ends at the response's first byte and
+/// says so.
+fn finish(
+    answer: Answer,
+    end: Option<Stamp>,
     side: Side,
     endpoint: &Endpoint,
-    request: Pending,
-    response: Stamp,
-    status: u16,
-    held_handshake: Option<(HopSpan, u64)>,
     layers: &'static str,
-) -> Option<Vec<HopSpan>> {
+    stats: &mut Stats,
+    out: &mut Vec<HopSpan>,
+) {
+    if let Some(spans) = build_spans(side, endpoint, answer, end, layers) {
+        stats.spans += 1;
+        out.extend(spans);
+    }
+}
+
+/// The hop span of a request (and its children).
+fn build_spans(side: Side, endpoint: &Endpoint, answer: Answer, end: Option<Stamp>, layers: &'static str) -> Option<Vec<HopSpan>> {
+    let Answer { request, head: response, status, held_handshake } = answer;
+    let last = end.unwrap_or(response);
     let ids = request.ids?;
     let mut attributes: Vec<(&'static str, Value)> = vec![
         ("http.request.method", request.method.clone().into()),
@@ -682,6 +742,9 @@ fn build_spans(
     if request.truncated {
         attributes.push(("hoptrace.uncertain", "request head larger than the captured prefix".into()));
     }
+    if end.is_none() {
+        attributes.push(("hoptrace.uncertain", "end: the response body's end was not seen; ends at its first byte".into()));
+    }
     let error = (status >= 500 && side == Side::Server).then(|| format!("HTTP {status}"));
     let mut spans = Vec::new();
     let hop = match side {
@@ -696,6 +759,9 @@ fn build_spans(
                 events.push(("response.at_tcp", response.tcp_ns));
             }
             events.push(("response.to_app", response.exit_ns));
+            if last != response {
+                events.push(("response.complete", last.exit_ns));
+            }
             let mut handshake_child = None;
             if let Some((mut handshake, _)) = held_handshake {
                 // The request that opened its connection includes the connect, as its child.
@@ -712,7 +778,7 @@ fn build_spans(
                 name: request.method.clone().into(),
                 role: Role::Client,
                 start_ns: start,
-                end_ns: response.exit_ns.max(start),
+                end_ns: last.exit_ns.max(start),
                 error,
                 attributes: with_hop(attributes, HOP_AGENT),
                 events,
@@ -729,7 +795,8 @@ fn build_spans(
             } else {
                 (req.exit_ns, false)
             };
-            let end = if response.tcp_ns != 0 { response.tcp_ns } else { response.exit_ns };
+            // The response left when TCP had queued its last byte.
+            let end = if last.tcp_ns != 0 { last.tcp_ns } else { last.exit_ns };
             let end = end.max(start);
             let mut attributes = with_hop(attributes, HOP_PERSONA);
             if !start_known {
@@ -755,8 +822,9 @@ fn build_spans(
                 spans.push(child("kernel receive", start, req.exit_ns));
             }
             spans.push(child("application", req.exit_ns, response.enter_ns));
-            if response.tcp_ns != 0 {
-                spans.push(child("kernel send", response.enter_ns, response.tcp_ns));
+            if last.tcp_ns != 0 {
+                // From the response head handed over to its last byte queued by TCP.
+                spans.push(child("kernel send", response.enter_ns, end));
             }
             if let Some((mut handshake, _)) = held_handshake {
                 // The accept precedes the request: a sibling under the same parent, not a child

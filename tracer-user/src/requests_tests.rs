@@ -368,9 +368,27 @@ fn content_length_bodies_are_skipped_even_when_they_look_like_responses() {
     r.recv(SK, response(204, "", ""), At(3_100, 3_900, 4_000));
     let spans = r.take();
     let got: Vec<_> = hops(&spans).iter().map(|s| (path(s), status(s), s.end_ns)).collect();
-    assert_eq!(got, [("/big".to_string(), 200, us(2_000)), ("/next".to_string(), 204, us(4_000))]);
+    // The span ends when the body's last byte reached the application (the uncaptured record).
+    assert_eq!(got, [("/big".to_string(), 200, us(2_302)), ("/next".to_string(), 204, us(4_000))]);
+    assert!(hops(&spans)[0].events.iter().any(|(name, ns)| *name == "response.complete" && *ns == us(2_302)));
     assert_eq!(unanswered_and_unmatched(r.stats()), (0, 0));
     assert_eq!(r.stats().non_http_records + r.stats().heads_malformed, 0);
+}
+
+#[test]
+fn a_response_cut_off_by_a_reset_ends_at_its_first_byte_and_says_so() {
+    let mut r = Replay::new();
+    r.connect(SK, 1_000, 1_100);
+    r.send(SK, get("/big"), At(1_200, 1_201, 1_202));
+    let mut first = response(200, "Content-Length: 3000\r\n", "");
+    first.extend_from_slice(&[b'x'; 100]);
+    r.recv(SK, first, At(1_300, 1_900, 2_000));
+    r.reset(SK, 1_100, 2_500);
+    let spans = r.take();
+    let hop = hops(&spans)[0];
+    assert_eq!(hop.end_ns, us(2_000));
+    assert!(hop.attributes.iter().any(|(k, v)| *k == "hoptrace.uncertain"
+        && matches!(v, Value::Str(text) if text.contains("body's end"))));
 }
 
 #[test]
@@ -389,7 +407,8 @@ fn a_chunked_response_then_another_on_the_same_connection() {
     let got: Vec<_> = hops(&spans).iter().map(|s| (path(s), s.end_ns)).collect();
     assert_eq!(
         got,
-        [("/c1".to_string(), us(2_000)), ("/c2".to_string(), us(4_000)), ("/c3".to_string(), us(6_000))]
+        // /c1's last chunk came in the second record.
+        [("/c1".to_string(), us(2_102)), ("/c2".to_string(), us(4_000)), ("/c3".to_string(), us(6_000))]
     );
     assert_eq!(unanswered_and_unmatched(r.stats()), (0, 0));
 }
