@@ -119,8 +119,17 @@ fn a_traceparent_yields_agent_and_persona_spans_under_its_parent_with_the_delays
             .unwrap_or_else(|| panic!("no {part} under the persona span: {spans:#?}"));
         assert!(child.start_time() >= persona[1].start_time() && child.end_time() <= persona[1].end_time());
     }
-    // The persona span starts when the request reached the persona host, after the forward delay.
-    assert!(persona[1].start_time() > agent[1].start_time() + Duration::from_millis(19));
+    // The persona span starts when the request reached the persona host's NIC; the agent span
+    // says when it left the agent host's NIC: between the two lies the forward delay (one
+    // clock, one machine). Likewise the response's way back is the return delay.
+    assert_eq!(persona[1].attr_str("hoptrace.layers"), Some("syscall,tcp,nic"));
+    let event = |span: &ReceivedSpan, name: &str| {
+        span.event(name).unwrap_or_else(|| panic!("no event {name} in {span:#?}")).time_unix_nano
+    };
+    let forward = persona[1].start_time_unix_nano - event(agent[1], "request.nic_egress");
+    assert_close(Duration::from_nanos(forward), Duration::from_millis(20), "forward, NIC to NIC");
+    let back = event(agent[1], "response.nic_ingress") - event(persona[1], "response.nic_egress");
+    assert_close(Duration::from_nanos(back), Duration::from_millis(10), "return, NIC to NIC");
 }
 
 #[test]

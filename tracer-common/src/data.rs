@@ -51,6 +51,9 @@ pub struct DataEvent {
     /// Local and remote ports, host byte order.
     pub sport: u16,
     pub dport: u16,
+    /// TCP sequence number of the first byte moved (for the NIC layer's lookup).
+    pub seq: u32,
+    pub _pad: u32,
     /// Local and remote addresses, network byte order (IPv4 in the first 4 bytes).
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
@@ -60,7 +63,7 @@ pub struct DataEvent {
 
 /// Size of everything before `data`.
 pub const DATA_HEADER_LEN: usize = core::mem::offset_of!(DataEvent, data);
-const _: () = assert!(DATA_HEADER_LEN == 104);
+const _: () = assert!(DATA_HEADER_LEN == 112);
 const _: () = assert!(core::mem::size_of::<DataEvent>() == DATA_HEADER_LEN + MAX_CAPTURE);
 
 /// What a probe remembers between a syscall's entry and its exit (keyed by pid_tgid).
@@ -79,8 +82,11 @@ pub struct SyscallContext {
     pub _pad: [u8; 2],
     /// iovec count for [`buffer_kind::IOVEC`] (from the syscall's arguments).
     pub iov_count: u32,
+    /// TCP sequence number of the first byte moved, from the socket tracepoint.
+    pub seq: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(core::mem::size_of::<SyscallContext>() == 40);
+const _: () = assert!(core::mem::size_of::<SyscallContext>() == 48);
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for DataEvent {}

@@ -11,4 +11,5 @@ pub mod conn;
 pub mod data;
 pub mod http;
 pub mod maps;
+pub mod nic;
 pub mod trace_context;

@@ -56,9 +56,12 @@ pub struct KernelOffsets {
     /// network namespace, to drop out-of-scope syscalls at entry before any map work.
     pub task_nsproxy: u32,
     pub nsproxy_net_ns: u32,
-    pub _pad: u32,
+    /// `struct tcp_sock` -> `write_seq` (u32): sequence number after the last byte queued.
+    pub tcp_write_seq: u32,
+    /// `struct tcp_sock` -> `copied_seq` (u32): sequence number after the last byte read.
+    pub tcp_copied_seq: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 56);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 60);
 
 impl KernelOffsets {
     /// All zero: the compiled-in value the loader always overrides.
@@ -76,7 +79,8 @@ impl KernelOffsets {
         sock_v6_rcv_saddr: 0,
         task_nsproxy: 0,
         nsproxy_net_ns: 0,
-        _pad: 0,
+        tcp_write_seq: 0,
+        tcp_copied_seq: 0,
     };
 }
 
@@ -106,6 +110,10 @@ unsafe impl aya::Pod for KernelOffsets {}
 pub const SYSCALLS: &str = "SYSCALLS";
 /// LRU hash: socket address (u64) -> ns when the oldest unread segment reached TCP.
 pub const RX_ARRIVAL: &str = "RX_ARRIVAL";
+/// LRU hash: [`crate::nic::NicKey`] -> ns when that data segment left through a NIC (tc egress).
+pub const NIC_TX: &str = "NIC_TX";
+/// LRU hash: [`crate::nic::NicKey`] -> ns when that data segment arrived at a NIC (tc ingress).
+pub const NIC_RX: &str = "NIC_RX";
 /// Per-CPU scratch for building a [`crate::data::DataEvent`] (too big for the BPF stack).
 pub const DATA_SCRATCH: &str = "DATA_SCRATCH";
 

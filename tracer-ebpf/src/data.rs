@@ -107,6 +107,8 @@ fn enter(ctx: &TracePointContext, direction: u8, kind: u8) {
         buffer_kind: kind,
         _pad: [0; 2],
         iov_count,
+        seq: 0,
+        _pad2: 0,
     };
     let _ = SYSCALLS.insert(&pid_tgid, &context, 0);
 }
@@ -164,9 +166,18 @@ fn on_socket(ctx: &TracePointContext, direction: u8) {
         let _ = SYSCALLS.remove(&pid_tgid);
         return;
     }
+    // A sendfile can call sendmsg several times: the first call holds the first byte.
+    let first_call = context.skaddr == 0;
     context.skaddr = sk;
     if direction == DIRECTION_SEND {
         context.tcp_ns = unsafe { bpf_ktime_get_ns() };
+    }
+    if first_call {
+        // The tracepoint fires after TCP moved `ret` bytes: its cursor already passed them.
+        let cursor = if direction == DIRECTION_SEND { off.tcp_write_seq } else { off.tcp_copied_seq };
+        if let Ok(after) = unsafe { bpf_probe_read_kernel((sk + cursor as u64) as *const u32) } {
+            context.seq = after.wrapping_sub(ret as u32);
+        }
     }
 }
 
@@ -223,6 +234,8 @@ fn emit(context: &SyscallContext, pid_tgid: u64, moved: u64) -> Result<(), ()> {
     event.netns_ino = scope::sock_netns(sk, &off).unwrap_or(0);
     event.len = moved.min(u32::MAX as u64) as u32;
     event.direction = context.direction;
+    event.seq = context.seq;
+    event._pad = 0;
     fill_addresses(event, sk, &off);
     event.comm = bpf_get_current_comm().unwrap_or_default();
 

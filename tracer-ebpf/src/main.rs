@@ -6,6 +6,7 @@ mod capability;
 mod conn;
 mod data;
 mod maps;
+mod nic;
 mod scope;
 
 #[cfg(not(test))]

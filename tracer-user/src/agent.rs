@@ -16,6 +16,7 @@ use crate::{
     decode::{self, Event},
     ebpf,
     export::{self, ExportConfig, ExportFlags, SpanSink},
+    nic::KernelNicTimes,
     requests::{self, Assembler},
     sampling::{Sampler, Untraced},
     scope::Scope,
@@ -72,13 +73,17 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
     let (sink, exporter) = export::start(&export_config)?;
+    let mut assembler = Assembler::new(requests::Config {
+        sampler,
+        untraced: options.untraced,
+        layers: attached.layers(),
+        ..requests::Config::default()
+    });
+    if attached.nic {
+        assembler = assembler.with_nic(Box::new(KernelNicTimes::take(&mut object)?));
+    }
     let mut pipeline = Pipeline {
-        assembler: Assembler::new(requests::Config {
-            sampler,
-            untraced: options.untraced,
-            layers: attached.layers(),
-            ..requests::Config::default()
-        }),
+        assembler,
         sink: &sink,
         spans: Vec::new(),
     };

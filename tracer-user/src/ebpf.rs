@@ -12,7 +12,7 @@ use tracer_common::{
     maps::{self, COUNTER_COUNT, Counter, KernelOffsets, globals},
 };
 
-use crate::{kernel_offsets, listeners, scope::Scope, tracefs};
+use crate::{kernel_offsets, listeners, nic, scope::Scope, tracefs};
 
 /// The eBPF object built by build.rs from tracer-ebpf.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
@@ -125,12 +125,19 @@ impl Layer {
 pub struct Attached {
     pub requests: bool,
     pub tcp_arrival: bool,
+    /// tc on the observed namespaces' interfaces: NIC egress/ingress times.
+    pub nic: bool,
 }
 
 impl Attached {
     /// `hoptrace.layers` on request spans: where the timestamps come from.
     pub fn layers(self) -> &'static str {
-        if self.tcp_arrival { "syscall,tcp" } else { "syscall,tcp-send" }
+        match (self.tcp_arrival, self.nic) {
+            (true, true) => "syscall,tcp,nic",
+            (true, false) => "syscall,tcp",
+            (false, true) => "syscall,tcp-send,nic",
+            (false, false) => "syscall,tcp-send",
+        }
     }
 }
 
@@ -143,7 +150,7 @@ pub fn load_agent(scope: &Scope) -> anyhow::Result<(Ebpf, Attached)> {
     fill_scope_maps(&mut ebpf, scope)?;
     seed_listeners(&mut ebpf, scope)?;
     let probes = agent_probes();
-    let mut attached = Attached { requests: true, tcp_arrival: true };
+    let mut attached = Attached { requests: true, tcp_arrival: true, nic: false };
     for layer in [Layer::Connections, Layer::Requests, Layer::TcpArrival] {
         let group: Vec<_> = probes.iter().filter(|p| p.layer == layer).collect();
         if layer == Layer::TcpArrival && !attached.requests {
@@ -159,6 +166,15 @@ pub fn load_agent(scope: &Scope) -> anyhow::Result<(Ebpf, Attached)> {
                 Layer::Requests => attached.requests = false,
                 _ => attached.tcp_arrival = false,
             }
+        }
+    }
+    if attached.requests {
+        match nic::attach(&mut ebpf, scope) {
+            Ok(interfaces) => {
+                log::debug!("NIC layer on {interfaces} interfaces");
+                attached.nic = true;
+            }
+            Err(error) => log::warn!("NIC layer (tc) unavailable, continuing without it: {error:#}"),
         }
     }
     Ok((ebpf, attached))

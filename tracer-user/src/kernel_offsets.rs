@@ -40,7 +40,8 @@ pub fn resolve() -> Result<KernelOffsets, OffsetError> {
         sock_v6_rcv_saddr: offset_of(&btf, "sock", &["__sk_common", "skc_v6_rcv_saddr"])?,
         task_nsproxy: offset_of(&btf, "task_struct", &["nsproxy"])?,
         nsproxy_net_ns: offset_of(&btf, "nsproxy", &["net_ns"])?,
-        _pad: 0,
+        tcp_write_seq: offset_of(&btf, "tcp_sock", &["write_seq"])?,
+        tcp_copied_seq: offset_of(&btf, "tcp_sock", &["copied_seq"])?,
     })
 }
 

@@ -9,6 +9,7 @@ mod ebpf;
 mod export;
 mod kernel_offsets;
 mod listeners;
+mod nic;
 mod requests;
 mod sampling;
 mod scope;

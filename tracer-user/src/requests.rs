@@ -24,6 +24,7 @@ use tracer_common::{
 
 use crate::{
     conn_spans::{self, HOP_AGENT, HOP_PERSONA},
+    nic::NicTimes,
     sampling::{Sampler, Untraced},
     span::{HopSpan, Role, SpanIds, Value},
 };
@@ -116,6 +117,8 @@ struct Stamp {
     enter_ns: u64,
     tcp_ns: u64,
     exit_ns: u64,
+    /// TCP sequence number of the record's first byte: finds its segment at the NIC.
+    seq: u32,
 }
 
 /// Who is at the ends of a socket, from its latest record.
@@ -453,12 +456,26 @@ struct Answer {
 pub struct Assembler {
     config: Config,
     sockets: HashMap<u64, Socket>,
+    /// The NIC layer's timestamps, when the kernel gives them.
+    nic: Option<Box<dyn NicTimes>>,
     pub stats: Stats,
+}
+
+/// What building a span needs besides the request: where timestamps come from.
+struct SpanEnv<'a> {
+    layers: &'static str,
+    nic: Option<&'a dyn NicTimes>,
 }
 
 impl Assembler {
     pub fn new(config: Config) -> Self {
-        Self { config, sockets: HashMap::new(), stats: Stats::default() }
+        Self { config, sockets: HashMap::new(), nic: None, stats: Stats::default() }
+    }
+
+    /// Uses the NIC layer's timestamps for request and response first bytes.
+    pub fn with_nic(mut self, nic: Box<dyn NicTimes>) -> Self {
+        self.nic = Some(nic);
+        self
     }
 
     pub fn on_conn(&mut self, event: &ConnEvent, out: &mut Vec<HopSpan>) {
@@ -488,11 +505,17 @@ impl Assembler {
     }
 
     pub fn on_data(&mut self, event: &DataEvent, out: &mut Vec<HopSpan>) {
-        let stamp = Stamp { enter_ns: event.enter_ns, tcp_ns: event.tcp_ns, exit_ns: event.header.ts_ns };
+        let stamp = Stamp {
+            enter_ns: event.enter_ns,
+            tcp_ns: event.tcp_ns,
+            exit_ns: event.header.ts_ns,
+            seq: event.seq,
+        };
         let captured = usize::from(event.captured).min(event.data.len());
         let data = &event.data[..captured];
         let sending = event.direction == DIRECTION_SEND;
-        let Self { config, sockets, stats } = self;
+        let Self { config, sockets, stats, nic } = self;
+        let env = SpanEnv { layers: config.layers, nic: nic.as_deref() };
         let Some(socket) = tracked(sockets, stats, config.max_sockets, event.skaddr, event.header.ts_ns) else {
             return;
         };
@@ -522,7 +545,7 @@ impl Assembler {
             let head = match piece {
                 Piece::BodyEnd(end) => {
                     if !carries_requests && let Some(answer) = socket.answering.take() {
-                        finish(answer, Some(end), side, &socket.endpoint, config.layers, stats, out);
+                        finish(answer, Some(end), side, &socket.endpoint, &env, stats, out);
                     }
                     continue;
                 }
@@ -553,7 +576,7 @@ impl Assembler {
                 // A body whose end was never seen (its framing lost): that answer ends at its
                 // first byte, said so.
                 if let Some(answer) = socket.answering.take() {
-                    finish(answer, None, side, &socket.endpoint, config.layers, stats, out);
+                    finish(answer, None, side, &socket.endpoint, &env, stats, out);
                 }
                 let Some(request) = socket.in_flight.pop_front() else {
                     stats.responses_unmatched += 1;
@@ -562,8 +585,8 @@ impl Assembler {
                 let held_handshake = if request.first_on_connection { socket.held_handshake.take() } else { None };
                 let answer = Answer { request, head: head.stamp, status: response.status, held_handshake };
                 match head.body {
-                    Body::None => finish(answer, Some(head.stamp), side, &socket.endpoint, config.layers, stats, out),
-                    Body::UntilNextHead => finish(answer, None, side, &socket.endpoint, config.layers, stats, out),
+                    Body::None => finish(answer, Some(head.stamp), side, &socket.endpoint, &env, stats, out),
+                    Body::UntilNextHead => finish(answer, None, side, &socket.endpoint, &env, stats, out),
                     Body::Length(_) | Body::Chunked(_) => socket.answering = Some(answer),
                 }
             }
@@ -601,7 +624,8 @@ impl Assembler {
             self.stats.requests_unanswered += socket.in_flight.len() as u64;
             if let (Some(answer), Some(side)) = (socket.answering, socket.side) {
                 // The connection ended (or went idle) inside the body: the end is unknown.
-                finish(answer, None, side, &socket.endpoint, self.config.layers, &mut self.stats, out);
+                let env = SpanEnv { layers: self.config.layers, nic: self.nic.as_deref() };
+                finish(answer, None, side, &socket.endpoint, &env, &mut self.stats, out);
             }
             out.extend(socket.held_handshake.map(|(span, _)| span));
         }
@@ -713,20 +737,34 @@ fn finish(
     end: Option<Stamp>,
     side: Side,
     endpoint: &Endpoint,
-    layers: &'static str,
+    env: &SpanEnv<'_>,
     stats: &mut Stats,
     out: &mut Vec<HopSpan>,
 ) {
-    if let Some(spans) = build_spans(side, endpoint, answer, end, layers) {
+    if let Some(spans) = build_spans(side, endpoint, answer, end, env) {
         stats.spans += 1;
         out.extend(spans);
     }
 }
 
 /// The hop span of a request (and its children).
-fn build_spans(side: Side, endpoint: &Endpoint, answer: Answer, end: Option<Stamp>, layers: &'static str) -> Option<Vec<HopSpan>> {
+fn build_spans(
+    side: Side,
+    endpoint: &Endpoint,
+    answer: Answer,
+    end: Option<Stamp>,
+    env: &SpanEnv<'_>,
+) -> Option<Vec<HopSpan>> {
     let Answer { request, head: response, status, held_handshake } = answer;
     let last = end.unwrap_or(response);
+    // The NIC times of the request's and the response's first segments, where the layer exists
+    // and the first byte started a segment.
+    let nic_at = |stamp: &Stamp, egress: bool| -> Option<u64> {
+        let (nic, local, peer) = (env.nic?, endpoint.local?, endpoint.peer?);
+        let key = crate::nic::key(local, peer, stamp.seq);
+        if egress { nic.egress(&key) } else { nic.ingress(&key) }
+    };
+    let layers = env.layers;
     let ids = request.ids?;
     let mut attributes: Vec<(&'static str, Value)> = vec![
         ("http.request.method", request.method.clone().into()),
@@ -754,6 +792,12 @@ fn build_spans(side: Side, endpoint: &Endpoint, answer: Answer, end: Option<Stam
             let mut events = vec![("request.to_kernel", req.enter_ns)];
             if req.tcp_ns != 0 {
                 events.push(("request.tcp_queued", req.tcp_ns));
+            }
+            if let Some(left) = nic_at(&req, true) {
+                events.push(("request.nic_egress", left));
+            }
+            if let Some(arrived) = nic_at(&response, false) {
+                events.push(("response.nic_ingress", arrived));
             }
             if response.tcp_ns != 0 {
                 events.push(("response.at_tcp", response.tcp_ns));
@@ -788,16 +832,19 @@ fn build_spans(side: Side, endpoint: &Endpoint, answer: Answer, end: Option<Stam
         }
         Side::Server => {
             let req = request.stamp;
-            // The request reached the host when its first segment reached TCP; without that
-            // layer, only when the application read it (said so).
-            let (start, start_known) = if req.tcp_ns != 0 && req.tcp_ns <= req.exit_ns {
-                (req.tcp_ns, true)
-            } else {
-                (req.exit_ns, false)
+            // The request reached the host when its first segment crossed the NIC, or else
+            // reached TCP; without either layer, only when the application read it (said so).
+            let arrived = nic_at(&req, false).filter(|&t| t <= req.exit_ns);
+            let (start, start_known) = match (arrived, req.tcp_ns) {
+                (Some(nic), _) => (nic, true),
+                (None, tcp) if tcp != 0 && tcp <= req.exit_ns => (tcp, true),
+                _ => (req.exit_ns, false),
             };
-            // The response left when TCP had queued its last byte.
-            let end = if last.tcp_ns != 0 { last.tcp_ns } else { last.exit_ns };
-            let end = end.max(start);
+            // The response left when TCP had queued its last byte, or when its first segment
+            // crossed the NIC, whichever came later.
+            let queued = if last.tcp_ns != 0 { last.tcp_ns } else { last.exit_ns };
+            let left = nic_at(&response, true);
+            let end = queued.max(left.unwrap_or(0)).max(start);
             let mut attributes = with_hop(attributes, HOP_PERSONA);
             if !start_known {
                 attributes.push(("hoptrace.uncertain", "start: arrival at TCP not seen; from the application's read".into()));
@@ -822,8 +869,9 @@ fn build_spans(side: Side, endpoint: &Endpoint, answer: Answer, end: Option<Stam
                 spans.push(child("kernel receive", start, req.exit_ns));
             }
             spans.push(child("application", req.exit_ns, response.enter_ns));
-            if last.tcp_ns != 0 {
-                // From the response head handed over to its last byte queued by TCP.
+            if last.tcp_ns != 0 || left.is_some() {
+                // From the response head handed over to its last byte queued by TCP (or its
+                // first segment through the NIC).
                 spans.push(child("kernel send", response.enter_ns, end));
             }
             if let Some((mut handshake, _)) = held_handshake {
@@ -843,10 +891,16 @@ fn build_spans(side: Side, endpoint: &Endpoint, answer: Answer, end: Option<Stam
                 end_ns: end,
                 error,
                 attributes,
-                events: vec![
-                    ("request.to_app", req.exit_ns),
-                    ("response.from_app", response.enter_ns),
-                ],
+                events: [
+                    arrived.map(|t| ("request.nic_ingress", t)),
+                    (req.tcp_ns != 0).then_some(("request.at_tcp", req.tcp_ns)),
+                    Some(("request.to_app", req.exit_ns)),
+                    Some(("response.from_app", response.enter_ns)),
+                    left.map(|t| ("response.nic_egress", t)),
+                ]
+                .into_iter()
+                .flatten()
+                .collect(),
             }
         }
     };

@@ -47,6 +47,9 @@ fn record(sk: u64, direction: u8, bytes: &[u8], at: At) -> DataEvent {
         family: AF_INET as u8,
         sport: 41_000,
         dport: 8080,
+        // Tests name a record's first segment by its entry time.
+        seq: u32::try_from(at.0).unwrap(),
+        _pad: 0,
         saddr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         daddr: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         comm: *b"client\0\0\0\0\0\0\0\0\0\0",
@@ -1134,4 +1137,43 @@ proptest! {
         prop_assert!(asm.sockets.is_empty());
         prop_assert!(spans.iter().all(|s| s.start_ns <= s.end_ns));
     }
+}
+
+/// NIC times keyed by sequence number (the tests' records use their entry time as seq).
+struct FakeNic {
+    egress: Vec<(u32, u64)>,
+    ingress: Vec<(u32, u64)>,
+}
+
+impl crate::nic::NicTimes for FakeNic {
+    fn egress(&self, key: &tracer_common::nic::NicKey) -> Option<u64> {
+        self.egress.iter().find(|(seq, _)| *seq == key.seq).map(|(_, t)| *t)
+    }
+    fn ingress(&self, key: &tracer_common::nic::NicKey) -> Option<u64> {
+        self.ingress.iter().find(|(seq, _)| *seq == key.seq).map(|(_, t)| *t)
+    }
+}
+
+#[test]
+fn the_nic_layer_moves_the_persona_start_to_arrival_and_marks_the_agent_span() {
+    // Server side: request record entered at 2_000 (its seq), NIC arrival at 1_500 us.
+    let nic = FakeNic { egress: vec![(3_000, us(3_040)), (1_200, us(1_210))], ingress: vec![(2_000, us(1_500)), (1_300, us(1_880))] };
+    let mut r = Replay::with(Config::default());
+    r.asm = Assembler::new(Config::default()).with_nic(Box::new(nic));
+    r.accept(SK2, 1_000, 50);
+    r.recv(SK2, get_traced("/n"), At(2_000, 1_600, 2_100));
+    r.send(SK2, ok("x"), At(3_000, 3_010, 3_020));
+    let spans = r.take();
+    let persona = only_hop(&spans);
+    assert_eq!(persona.start_ns, us(1_500), "starts when the request crossed the NIC");
+    assert_eq!(persona.end_ns, us(3_040), "ends when the response crossed the NIC");
+    assert!(persona.events.iter().any(|(n, t)| *n == "request.nic_ingress" && *t == us(1_500)));
+    // Client side: the request's segment left at 1_210, the response's arrived at 1_880.
+    r.connect(SK, 1_000, 1_100);
+    r.send(SK, get_traced("/m"), At(1_200, 1_205, 1_206));
+    r.recv(SK, ok("y"), At(1_300, 1_890, 1_900));
+    let spans = r.take();
+    let agent = only_hop(&spans);
+    assert!(agent.events.iter().any(|(n, t)| *n == "request.nic_egress" && *t == us(1_210)));
+    assert!(agent.events.iter().any(|(n, t)| *n == "response.nic_ingress" && *t == us(1_880)));
 }

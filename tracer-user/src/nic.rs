@@ -1,0 +1,156 @@
+//! The NIC layer in user space: attaching the tc classifiers to the interfaces of the observed
+//! network namespaces, and looking up when a segment crossed them.
+//!
+//! tc attachments name an interface by index, and an index only means something inside its
+//! namespace, so each namespace's interfaces are listed and attached from a thread that has
+//! entered that namespace (setns is per thread; the process stays where it is).
+
+use std::{
+    ffi::CStr,
+    fs::File,
+    net::IpAddr,
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData},
+    programs::{SchedClassifier, TcAttachType},
+};
+use tracer_common::{maps, nic::NicKey};
+
+use crate::scope::Scope;
+
+/// Attaches `nic_egress` and `nic_ingress` to every interface but loopback in each observed
+/// namespace (the agent's own namespace when none is named). Returns how many interfaces.
+pub fn attach(ebpf: &mut Ebpf, scope: &Scope) -> anyhow::Result<usize> {
+    let namespaces: Vec<Option<PathBuf>> = if scope.netns.is_empty() {
+        vec![None]
+    } else {
+        scope.netns.iter().map(|n| Some(netns_path(&n.spec))).collect()
+    };
+    for name in ["nic_egress", "nic_ingress"] {
+        let program: &mut SchedClassifier =
+            ebpf.program_mut(name).with_context(|| format!("{name} missing"))?.try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
+    }
+    let mut attached = 0;
+    for namespace in namespaces {
+        attached += std::thread::scope(|s| {
+            s.spawn(|| attach_in(ebpf, namespace.as_ref()))
+                .join()
+                .map_err(|_| anyhow::anyhow!("tc attach thread panicked"))?
+        })?;
+    }
+    Ok(attached)
+}
+
+fn netns_path(spec: &str) -> PathBuf {
+    if spec.contains('/') { PathBuf::from(spec) } else { PathBuf::from("/run/netns").join(spec) }
+}
+
+/// Runs on its own thread: enters `namespace` (if any) and attaches there.
+fn attach_in(ebpf: &mut Ebpf, namespace: Option<&PathBuf>) -> anyhow::Result<usize> {
+    if let Some(path) = namespace {
+        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("entering network namespace {}", path.display()));
+        }
+    }
+    // Before TCX (6.6) tc programs hang off a clsact qdisc, which must exist first.
+    let needs_clsact = aya::util::KernelVersion::current().is_ok_and(|v| v < aya::util::KernelVersion::new(6, 6, 0));
+    let mut count = 0;
+    for (index, name) in interfaces()? {
+        if name == "lo" {
+            continue;
+        }
+        if needs_clsact {
+            let _ = aya::programs::tc::qdisc_add_clsact(index);
+        }
+        for (program, direction) in [("nic_egress", TcAttachType::Egress), ("nic_ingress", TcAttachType::Ingress)] {
+            let program: &mut SchedClassifier =
+                ebpf.program_mut(program).context("tc program missing")?.try_into()?;
+            program
+                .attach(index, direction)
+                .with_context(|| format!("attaching tc {direction:?} to {name}"))?;
+        }
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// Interfaces of the calling thread's network namespace (if_nameindex asks netlink there).
+fn interfaces() -> anyhow::Result<Vec<(u32, String)>> {
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        bail!("if_nameindex: {}", std::io::Error::last_os_error());
+    }
+    let mut found = Vec::new();
+    let mut entry = list;
+    // SAFETY: the array ends with an entry whose index is 0; freed below.
+    unsafe {
+        while (*entry).if_index != 0 {
+            let name = CStr::from_ptr((*entry).if_name).to_string_lossy().into_owned();
+            found.push(((*entry).if_index, name));
+            entry = entry.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    Ok(found)
+}
+
+/// When segments crossed a NIC, by connection and first sequence number.
+pub trait NicTimes {
+    fn egress(&self, key: &NicKey) -> Option<u64>;
+    fn ingress(&self, key: &NicKey) -> Option<u64>;
+}
+
+/// The kernel's tables, read at span-building time (the segment left before the response came).
+pub struct KernelNicTimes {
+    tx: HashMap<MapData, NicKey, u64>,
+    rx: HashMap<MapData, NicKey, u64>,
+}
+
+impl KernelNicTimes {
+    pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        let mut take = |name| -> anyhow::Result<HashMap<MapData, NicKey, u64>> {
+            Ok(HashMap::try_from(ebpf.take_map(name).with_context(|| format!("{name} missing"))?)?)
+        };
+        Ok(Self { tx: take(maps::NIC_TX)?, rx: take(maps::NIC_RX)? })
+    }
+}
+
+impl NicTimes for KernelNicTimes {
+    fn egress(&self, key: &NicKey) -> Option<u64> {
+        self.tx.get(key, 0).ok()
+    }
+
+    fn ingress(&self, key: &NicKey) -> Option<u64> {
+        self.rx.get(key, 0).ok()
+    }
+}
+
+/// The key of the segment starting at `seq` on the connection `local` <-> `remote`.
+pub fn key(local: (IpAddr, u16), remote: (IpAddr, u16), seq: u32) -> NicKey {
+    NicKey {
+        local_addr: address_bytes(local.0),
+        remote_addr: address_bytes(remote.0),
+        local_port: local.1,
+        remote_port: remote.1,
+        seq,
+    }
+}
+
+fn address_bytes(address: IpAddr) -> [u8; 16] {
+    match address {
+        IpAddr::V4(v4) => {
+            let mut bytes = [0u8; 16];
+            bytes[..4].copy_from_slice(&v4.octets());
+            bytes
+        }
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
