@@ -26,6 +26,19 @@ export is answered, so a client whose export returned finds its spans there):
   scope_name, scope_version
   transport  "grpc" | "http-protobuf" | "http-json"
 
+With --count-only, --out is instead a small JSON summary, rewritten (atomically:
+temp file + rename) every second and at exit, and no span is written one by one
+(at tens of thousands of spans per second the JSON lines cost more than the
+tracer being measured). Sorted keys, indent 1, so one count per line:
+
+  spans, exports      accepted spans and accepted export requests
+  by_name             {span name: count}
+  by_hop              {attribute hoptrace.hop ("-" when absent): count}
+  by_hop_kind_name    {"<hop>|<KIND>|<name>": count}, KIND one of UNSPECIFIED,
+                      INTERNAL, SERVER, CLIENT, PRODUCER, CONSUMER
+
+Exports are then not logged one by one on stderr either.
+
 With --requests-out, every export request (also failed ones) is appended as
 one JSON line: {transport, spans, result ("ok" | "unavailable" | "bad_request"),
 time_unix_nano}.
@@ -44,6 +57,7 @@ import base64
 import gzip
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -148,6 +162,27 @@ def span_lines(request, transport):
                 record = span_record(span, resource, ss.scope, transport)
                 lines.append(json.dumps(record, separators=(",", ":"), allow_nan=False))
     return lines
+
+
+KIND_NAMES = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER",
+              5: "CONSUMER"}
+
+
+def count_spans(request, counts):
+    """Adds the request's spans to counts {(hop, kind, name): n}; returns how many."""
+    n = 0
+    for rs in request.resource_spans:
+        for ss in rs.scope_spans:
+            for span in ss.spans:
+                hop = "-"
+                for kv in span.attributes:
+                    if kv.key == "hoptrace.hop":
+                        hop = kv.value.string_value
+                        break
+                key = (hop, span.kind, span.name)
+                counts[key] = counts.get(key, 0) + 1
+                n += 1
+    return n
 
 
 def span_count(request):
@@ -260,6 +295,79 @@ class Sink:
         with self.lock:
             self.closed = True
             self.out.close()
+            if self.requests is not None:
+                self.requests.close()
+
+
+class CountSink(Sink):
+    """--count-only: counts spans instead of writing them; see the module docstring."""
+
+    def __init__(self, out_path, requests_path, fail_first):
+        self.out_path = out_path
+        self.lock = threading.Lock()
+        self.requests = open(requests_path, "w", encoding="utf-8") if requests_path else None
+        self.fail_remaining = fail_first
+        self.closed = False
+        self.counts = {}
+        self.spans = 0
+        self.exports = 0
+        self.dirty = True
+        self.write_summary()
+        self.stop = threading.Event()
+        self.writer = threading.Thread(target=self._write_every_second, name="summary",
+                                       daemon=True)
+        self.writer.start()
+
+    def export(self, request, transport):
+        with self.lock:
+            accept = self.fail_remaining <= 0
+            if not accept:
+                self.fail_remaining -= 1
+            spans = 0
+            if accept and not self.closed:
+                # Under the lock: the gRPC server runs exports on several threads.
+                spans = count_spans(request, self.counts)
+                self.spans += spans
+                self.exports += 1
+                self.dirty = True
+            else:
+                spans = span_count(request)
+            self._log(transport, spans, "ok" if accept else "unavailable")
+        if not accept:
+            log(f"export transport={transport} spans={spans} result=unavailable")
+        return accept
+
+    def summary(self):
+        by_name, by_hop, by_hop_kind_name = {}, {}, {}
+        for (hop, kind, name), n in self.counts.items():
+            by_name[name] = by_name.get(name, 0) + n
+            by_hop[hop] = by_hop.get(hop, 0) + n
+            key = f"{hop}|{KIND_NAMES.get(kind, str(kind))}|{name}"
+            by_hop_kind_name[key] = by_hop_kind_name.get(key, 0) + n
+        return {"spans": self.spans, "exports": self.exports, "by_name": by_name,
+                "by_hop": by_hop, "by_hop_kind_name": by_hop_kind_name}
+
+    def write_summary(self):
+        with self.lock:
+            if not self.dirty:
+                return
+            doc = self.summary()
+            self.dirty = False
+        tmp = self.out_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, self.out_path)
+
+    def _write_every_second(self):
+        while not self.stop.wait(1.0):
+            self.write_summary()
+
+    def close(self):
+        self.stop.set()
+        self.writer.join()
+        self.write_summary()
+        with self.lock:
+            self.closed = True
             if self.requests is not None:
                 self.requests.close()
 
@@ -399,7 +507,12 @@ class HttpServer(ThreadingHTTPServer):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--out", required=True, help="JSON-lines file receiving one line per span")
+    parser.add_argument("--out", required=True,
+                        help="JSON-lines file receiving one line per span (with --count-only: "
+                             "the JSON summary)")
+    parser.add_argument("--count-only", action="store_true",
+                        help="count spans by name and hoptrace.hop into --out (rewritten every "
+                             "second and at exit) instead of writing each span")
     parser.add_argument("--grpc-port", type=int, default=0, help="OTLP/gRPC port (0 = ephemeral)")
     parser.add_argument("--http-port", type=int, default=0, help="OTLP/HTTP port (0 = ephemeral)")
     parser.add_argument("--fail-first", type=int, default=0, metavar="N",
@@ -409,7 +522,7 @@ def main():
                         help="exit when stdin is closed (e.g. the parent died)")
     args = parser.parse_args()
 
-    sink = Sink(args.out, args.requests_out, args.fail_first)
+    sink = (CountSink if args.count_only else Sink)(args.out, args.requests_out, args.fail_first)
     stop = threading.Event()
 
     def on_signal(signum, _frame):

@@ -39,6 +39,9 @@ enum Task {
     },
     /// `hoptrace check` on this machine.
     Check,
+    /// The tracer's overhead: wrk against nginx in the lab, alternating runs without and with
+    /// the agent; prints ratios and PASS/FAIL against the targets.
+    Bench(xtask::bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,6 +55,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Task::Bench(args) => xtask::bench::run(args),
     }
 }
 
