@@ -451,9 +451,12 @@ impl OtlpReceiver {
             if Instant::now() >= deadline {
                 bail!(
                     "the OTLP receiver did not get the expected spans within {timeout:?}; \
-                     it got {} span(s): {:?}",
+                     it got {} span(s), by name: {:?}",
                     spans.len(),
-                    spans.iter().map(|s| s.name.as_str()).collect::<Vec<_>>()
+                    spans.iter().fold(std::collections::BTreeMap::<&str, usize>::new(), |mut counts, s| {
+                        *counts.entry(s.name.as_str()).or_default() += 1;
+                        counts
+                    })
                 );
             }
             self.check_alive()?;

@@ -78,7 +78,7 @@ fn assert_close(actual: Duration, expected: Duration, what: &str) {
 
 #[test]
 fn a_traceparent_yields_agent_and_persona_spans_under_its_parent_with_the_delays_between_them() {
-    let s = setup(&[]);
+    let s = setup(&[("HOPTRACE_LAYER_SPANS", "true")]);
     s.lab.set_delay(Direction::Forward, Duration::from_millis(20)).unwrap();
     s.lab.set_delay(Direction::Return, Duration::from_millis(10)).unwrap();
     // Two requests on one keep-alive connection: the first includes the connect.
@@ -232,4 +232,46 @@ s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)); s.cl
     assert!(log.contains("truncated heads 1") || log.contains("truncated heads 2"), "{log}");
     assert!(!log.contains("non-HTTP records 0"), "garbage counted: {log}");
     assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn two_thousand_concurrent_connections_each_get_their_request_spans() {
+    let s = setup(&[("OTEL_BSP_MAX_QUEUE_SIZE", "65536")]);
+    const CONNECTIONS: usize = 2000;
+    // All connections open first, then every request goes out, then every response is read:
+    // thousands of sockets in flight at once, each with its own traceparent.
+    let script = format!(
+        r#"
+import asyncio, resource
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+async def main():
+    conns = await asyncio.gather(*[asyncio.open_connection("{PERSONA_IP}", 80) for _ in range({CONNECTIONS})])
+    for i, (r, w) in enumerate(conns):
+        w.write(f"GET /?c={{i}} HTTP/1.1\r\nHost: p\r\ntraceparent: 00-{{i + 1:032x}}-{PARENT_ID}-01\r\n\r\n".encode())
+    async def read(r):
+        head = await r.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+    await asyncio.gather(*[read(r) for r, _ in conns])
+    for _, w in conns:
+        w.close()
+asyncio.run(main())
+"#
+    );
+    python_client(&s.lab, &script);
+    let spans = wait_http(&s.receiver, CONNECTIONS, CONNECTIONS);
+    let agent = http_spans(&spans, "agent");
+    let persona = http_spans(&spans, "persona");
+    let ids = |spans: &[&ReceivedSpan]| {
+        let mut ids: Vec<String> = spans.iter().map(|s| s.trace_id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        ids.len()
+    };
+    assert_eq!((agent.len(), ids(&agent)), (CONNECTIONS, CONNECTIONS), "one agent span per connection");
+    assert_eq!((persona.len(), ids(&persona)), (CONNECTIONS, CONNECTIONS), "one persona span per connection");
+    let mut agent_process = s.agent;
+    agent_process.stop().unwrap();
+    let log = agent_process.stderr();
+    assert!(log.contains(" 0 lost to a full ring buffer"), "{log}");
 }

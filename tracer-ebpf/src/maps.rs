@@ -9,8 +9,8 @@ use tracer_common::{
     maps::{COUNTER_COUNT, Counter},
 };
 
-/// Kernel -> user records. 1 MiB holds ~10k connection events: a burst of that many between
-/// two reads of user space before anything is dropped (and counted).
+/// Kernel -> user records. The size here is a placeholder: the loader sets it
+/// (`--ring-buffer-mib`, 4 MiB by default: ~15k request records of a burst before any drop).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 

@@ -29,6 +29,8 @@ pub struct AgentOptions {
     pub scope_ports: Vec<u16>,
     pub export: ExportFlags,
     pub untraced: Untraced,
+    pub layer_spans: bool,
+    pub ring_buffer_bytes: u32,
     /// How long Ctrl-C / SIGTERM may take to flush pending spans.
     pub shutdown_timeout: Duration,
     /// How often the clock offset is re-sampled and the counters checked.
@@ -66,7 +68,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().as_deref(),
     )
     .map_err(anyhow::Error::msg)?;
-    let (mut object, attached) = ebpf::load_agent(&scope)?;
+    let (mut object, attached) = ebpf::load_agent(&scope, options.ring_buffer_bytes)?;
     let ring = RingBuf::try_from(object.take_map(maps::EVENTS).context("EVENTS map missing")?)?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until the
     // AsyncFd is dropped at the end of this function.
@@ -77,6 +79,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         sampler,
         untraced: options.untraced,
         layers: attached.layers(),
+        layer_spans: options.layer_spans,
         ..requests::Config::default()
     });
     if attached.nic {

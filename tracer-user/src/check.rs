@@ -102,7 +102,8 @@ pub fn run() -> anyhow::Result<bool> {
     }
 
     let offsets = offsets.unwrap_or_default();
-    match ebpf::load_object(&Scope::default(), &offsets) {
+    // The smallest ring buffer: check attaches probes, it reads no records.
+    match ebpf::load_object(&Scope::default(), &offsets, 4096) {
         Ok(mut object) => probe_hooks(&mut object, &mut findings),
         Err(e) => findings.push(Finding {
             what: "eBPF object",

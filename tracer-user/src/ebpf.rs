@@ -144,9 +144,9 @@ impl Attached {
 /// Loads the object with the scope's switches and the kernel's struct offsets, fills the scope
 /// maps and attaches the agent's probes: the connection layer or fail; the optional layers
 /// each whole or not at all, with a warning. Dropping the returned `Ebpf` detaches everything.
-pub fn load_agent(scope: &Scope) -> anyhow::Result<(Ebpf, Attached)> {
+pub fn load_agent(scope: &Scope, ring_buffer_bytes: u32) -> anyhow::Result<(Ebpf, Attached)> {
     let offsets = kernel_offsets::resolve()?;
-    let mut ebpf = load_object(scope, &offsets)?;
+    let mut ebpf = load_object(scope, &offsets, ring_buffer_bytes)?;
     fill_scope_maps(&mut ebpf, scope)?;
     seed_listeners(&mut ebpf, scope)?;
     let probes = agent_probes();
@@ -209,7 +209,7 @@ fn attach_group(ebpf: &mut Ebpf, group: &[&TracepointProbe]) -> anyhow::Result<(
 }
 
 /// Loads the object without attaching anything (`hoptrace check` attaches its own probes).
-pub fn load_object(scope: &Scope, offsets: &KernelOffsets) -> anyhow::Result<Ebpf> {
+pub fn load_object(scope: &Scope, offsets: &KernelOffsets, ring_buffer_bytes: u32) -> anyhow::Result<Ebpf> {
     let on = |enabled: bool| u32::from(enabled);
     let (netns, pids, ports) =
         (on(!scope.netns.is_empty()), on(!scope.pids.is_empty()), on(!scope.ports.is_empty()));
@@ -219,6 +219,7 @@ pub fn load_object(scope: &Scope, offsets: &KernelOffsets) -> anyhow::Result<Ebp
         .override_global(globals::FILTER_PORT, &ports, true)
         .override_global(globals::SELF_TGID, &std::process::id(), true)
         .override_global(globals::KERNEL_OFFSETS, offsets, true)
+        .map_max_entries(maps::EVENTS, ring_buffer_bytes)
         .load(OBJECT)
         .map_err(|e| explain_load_error(e.into()))
 }

@@ -59,10 +59,25 @@ enum Command {
         /// hoptrace.trace_origin = "hoptrace"; `ignore` exports nothing for them (counted).
         #[arg(long, env = "HOPTRACE_UNTRACED", default_value = "new-trace", value_parser = sampling::Untraced::parse)]
         untraced: sampling::Untraced,
+        /// Also export the persona's kernel receive / application / kernel send as child spans
+        /// (their durations are always attributes of the persona span).
+        #[arg(long, env = "HOPTRACE_LAYER_SPANS")]
+        layer_spans: bool,
+        /// Size of the kernel -> agent ring buffer in MiB (a power of two); a full buffer drops
+        /// records, counted, and never blocks the traced application.
+        #[arg(long, env = "HOPTRACE_RING_BUFFER_MIB", default_value_t = 4, value_parser = ring_buffer_mib)]
+        ring_buffer_mib: u32,
         /// How long stopping may take to flush pending spans, in seconds.
         #[arg(long, default_value_t = 5.0, value_name = "SECONDS", env = "HOPTRACE_SHUTDOWN_TIMEOUT")]
         shutdown_timeout: f64,
     },
+}
+
+fn ring_buffer_mib(value: &str) -> Result<u32, String> {
+    match value.parse::<u32>() {
+        Ok(mib) if mib.is_power_of_two() && mib <= 1024 => Ok(mib),
+        _ => Err(format!("{value:?}: the ring buffer size must be a power of two from 1 to 1024 MiB")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -72,13 +87,25 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Check => check::run().map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }),
-        Command::Agent { netns, pids, ports, otlp_endpoint, otlp_protocol, untraced, shutdown_timeout } => {
+        Command::Agent {
+            netns,
+            pids,
+            ports,
+            otlp_endpoint,
+            otlp_protocol,
+            untraced,
+            layer_spans,
+            ring_buffer_mib,
+            shutdown_timeout,
+        } => {
             let options = agent::AgentOptions {
                 scope_netns: netns,
                 scope_pids: pids,
                 scope_ports: ports,
                 export: export::ExportFlags { endpoint: otlp_endpoint, protocol: otlp_protocol },
                 untraced,
+                layer_spans,
+                ring_buffer_bytes: ring_buffer_mib << 20,
                 shutdown_timeout: Duration::from_secs_f64(shutdown_timeout.clamp(0.0, 600.0)),
                 report_interval: Duration::from_secs(10),
             };

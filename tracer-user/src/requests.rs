@@ -50,6 +50,10 @@ pub struct Config {
     pub connect_hold_ns: u64,
     /// Which layers the kernel gives timestamps for, named on every span (`hoptrace.layers`).
     pub layers: &'static str,
+    /// Also export the persona's kernel receive / application / kernel send as child spans
+    /// (their durations are always on the persona span as attributes and events). Off by
+    /// default: three more spans per request is most of the export cost at high rates.
+    pub layer_spans: bool,
 }
 
 impl Default for Config {
@@ -61,6 +65,7 @@ impl Default for Config {
             idle_ns: 120_000_000_000,
             connect_hold_ns: 2_000_000_000,
             layers: "syscall,tcp",
+            layer_spans: false,
         }
     }
 }
@@ -464,6 +469,7 @@ pub struct Assembler {
 /// What building a span needs besides the request: where timestamps come from.
 struct SpanEnv<'a> {
     layers: &'static str,
+    layer_spans: bool,
     nic: Option<&'a dyn NicTimes>,
 }
 
@@ -515,7 +521,7 @@ impl Assembler {
         let data = &event.data[..captured];
         let sending = event.direction == DIRECTION_SEND;
         let Self { config, sockets, stats, nic } = self;
-        let env = SpanEnv { layers: config.layers, nic: nic.as_deref() };
+        let env = SpanEnv { layers: config.layers, layer_spans: config.layer_spans, nic: nic.as_deref() };
         let Some(socket) = tracked(sockets, stats, config.max_sockets, event.skaddr, event.header.ts_ns) else {
             return;
         };
@@ -624,7 +630,11 @@ impl Assembler {
             self.stats.requests_unanswered += socket.in_flight.len() as u64;
             if let (Some(answer), Some(side)) = (socket.answering, socket.side) {
                 // The connection ended (or went idle) inside the body: the end is unknown.
-                let env = SpanEnv { layers: self.config.layers, nic: self.nic.as_deref() };
+                let env = SpanEnv {
+                    layers: self.config.layers,
+                    layer_spans: self.config.layer_spans,
+                    nic: self.nic.as_deref(),
+                };
                 finish(answer, None, side, &socket.endpoint, &env, &mut self.stats, out);
             }
             out.extend(socket.held_handshake.map(|(span, _)| span));
@@ -865,11 +875,13 @@ fn build_spans(
                 attributes: vec![("hoptrace.hop", HOP_PERSONA.into())],
                 events: Vec::new(),
             };
-            if start_known {
+            if env.layer_spans && start_known {
                 spans.push(child("kernel receive", start, req.exit_ns));
             }
-            spans.push(child("application", req.exit_ns, response.enter_ns));
-            if last.tcp_ns != 0 || left.is_some() {
+            if env.layer_spans {
+                spans.push(child("application", req.exit_ns, response.enter_ns));
+            }
+            if env.layer_spans && (last.tcp_ns != 0 || left.is_some()) {
                 // From the response head handed over to its last byte queued by TCP (or its
                 // first segment through the NIC).
                 spans.push(child("kernel send", response.enter_ns, end));

@@ -92,7 +92,8 @@ struct Replay {
 
 impl Replay {
     fn new() -> Self {
-        Self::with(Config::default())
+        // Layer child spans on, so their boundaries are checked too.
+        Self::with(Config { layer_spans: true, ..Config::default() })
     }
 
     fn with(config: Config) -> Self {
@@ -1176,4 +1177,18 @@ fn the_nic_layer_moves_the_persona_start_to_arrival_and_marks_the_agent_span() {
     let agent = only_hop(&spans);
     assert!(agent.events.iter().any(|(n, t)| *n == "request.nic_egress" && *t == us(1_210)));
     assert!(agent.events.iter().any(|(n, t)| *n == "response.nic_ingress" && *t == us(1_880)));
+}
+
+#[test]
+fn by_default_the_persona_layers_are_attributes_not_spans() {
+    let mut r = Replay::with(Config::default());
+    r.accept(SK2, 1_000, 50);
+    r.recv(SK2, get_traced("/a"), At(2_000, 1_600, 2_100));
+    r.send(SK2, ok("x"), At(3_000, 3_010, 3_020));
+    let spans = r.take();
+    assert_eq!(spans.iter().filter(|s| s.role == Role::Internal).count(), 0, "{spans:#?}");
+    let persona = only_hop(&spans);
+    let attr = |key: &str| persona.attributes.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
+    assert_eq!(attr("hoptrace.kernel_receive_ns"), Some(Value::Int(500_000)));
+    assert_eq!(attr("hoptrace.application_ns"), Some(Value::Int(900_000)));
 }

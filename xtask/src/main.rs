@@ -151,6 +151,8 @@ impl AgentProcess {
         let child = Command::new(bin)
             .args(["agent", "--netns", lab.netns(Host::Agent).name(), "--netns", lab.netns(Host::Persona).name()])
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            // The demo shows the persona's kernel / application split as spans of their own.
+            .env("HOPTRACE_LAYER_SPANS", "true")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())

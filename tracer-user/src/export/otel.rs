@@ -15,6 +15,11 @@ use crate::{
     span::{HopSpan, Role, Value},
 };
 
+/// Built once: every span carries the same scope.
+static SCOPE: std::sync::LazyLock<InstrumentationScope> = std::sync::LazyLock::new(|| {
+    InstrumentationScope::builder("hoptrace").with_version(env!("CARGO_PKG_VERSION")).build()
+});
+
 pub fn to_span_data(span: &HopSpan, clock: &Clock) -> SpanData {
     let trace_state = span
         .ids
@@ -51,9 +56,7 @@ pub fn to_span_data(span: &HopSpan, clock: &Clock) -> SpanData {
             Some(description) => Status::error(description.clone()),
             None => Status::Unset,
         },
-        instrumentation_scope: InstrumentationScope::builder("hoptrace")
-            .with_version(env!("CARGO_PKG_VERSION"))
-            .build(),
+        instrumentation_scope: SCOPE.clone(),
     }
 }
 
