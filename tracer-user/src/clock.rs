@@ -38,7 +38,7 @@ impl Clock {
         Self { realtime_minus_monotonic_ns, uncertainty_ns: 0 }
     }
 
-    pub fn to_system_time(&self, monotonic_ns: u64) -> SystemTime {
+    pub fn to_system_time(self, monotonic_ns: u64) -> SystemTime {
         let unix_ns = (monotonic_ns as i128 + self.realtime_minus_monotonic_ns).max(0);
         UNIX_EPOCH + Duration::from_nanos(u64::try_from(unix_ns).unwrap_or(u64::MAX))
     }

@@ -70,7 +70,7 @@ pub fn span_for(event: &ConnEvent) -> Option<HopSpan> {
     })
 }
 
-pub fn common_attributes(event: &ConnEvent, server_side: bool) -> Vec<(&'static str, Value)> {
+fn common_attributes(event: &ConnEvent, server_side: bool) -> Vec<(&'static str, Value)> {
     let local = address(event.family, &event.saddr);
     let peer = address(event.family, &event.daddr);
     let mut attributes = vec![
@@ -97,7 +97,8 @@ pub fn common_attributes(event: &ConnEvent, server_side: bool) -> Vec<(&'static 
     attributes
 }
 
-fn address(family: u16, bytes: &[u8; 16]) -> IpAddr {
+/// A kernel address field (IPv4 in the first 4 bytes) as an address of its family.
+pub fn address(family: u16, bytes: &[u8; 16]) -> IpAddr {
     if family == AF_INET6 {
         IpAddr::V6(Ipv6Addr::from(*bytes))
     } else {
@@ -105,7 +106,8 @@ fn address(family: u16, bytes: &[u8; 16]) -> IpAddr {
     }
 }
 
-fn comm(raw: &[u8; 16]) -> String {
+/// A NUL-padded `comm` as text.
+pub fn comm(raw: &[u8; 16]) -> String {
     let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
     String::from_utf8_lossy(&raw[..len]).into_owned()
 }

@@ -63,7 +63,7 @@ pub fn offset_of(btf: &Btf, owner: &str, path: &[&str]) -> Result<u32, OffsetErr
         bits += member_bits;
         current = member_type;
     }
-    if bits % 8 != 0 {
+    if !bits.is_multiple_of(8) {
         return Err(OffsetError::Unaligned(path.join(".")));
     }
     Ok(bits / 8)

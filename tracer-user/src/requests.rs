@@ -12,11 +12,11 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
 };
 
 use tracer_common::{
-    conn::{AF_INET6, ConnEvent, ConnTransition},
+    conn::{ConnEvent, ConnTransition},
     data::{DIRECTION_SEND, DataEvent},
     http::{self, Headers},
     trace_context,
@@ -948,20 +948,13 @@ fn endpoint_attributes(endpoint: &Endpoint, side: Side) -> Vec<(&'static str, Va
 }
 
 fn endpoint(event: &DataEvent) -> Endpoint {
-    let address = |bytes: &[u8; 16]| {
-        if u16::from(event.family) == AF_INET6 {
-            IpAddr::V6(Ipv6Addr::from(*bytes))
-        } else {
-            IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
-        }
-    };
-    let comm_len = event.comm.iter().position(|&b| b == 0).unwrap_or(event.comm.len());
+    let family = u16::from(event.family);
     Endpoint {
         tgid: event.header.tgid,
-        comm: String::from_utf8_lossy(&event.comm[..comm_len]).into_owned(),
+        comm: conn_spans::comm(&event.comm),
         netns: event.netns_ino,
-        local: Some((address(&event.saddr), event.sport)),
-        peer: Some((address(&event.daddr), event.dport)),
+        local: Some((conn_spans::address(family, &event.saddr), event.sport)),
+        peer: Some((conn_spans::address(family, &event.daddr), event.dport)),
     }
 }
 

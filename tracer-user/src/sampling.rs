@@ -129,7 +129,7 @@ mod tests {
         let sampler = Sampler::ParentBased(Root::TraceIdRatio(0.25));
         let kept = (0..20_000).filter(|_| sampler.keep(&rand::random(), None)).count();
         assert!((4_000..6_000).contains(&kept), "{kept}");
-        assert!(Sampler::TraceIdRatio(0.0).keep(&[0; 16], None) == false);
+        assert!(!Sampler::TraceIdRatio(0.0).keep(&[0; 16], None));
         assert!(Sampler::TraceIdRatio(1.0).keep(&[0xff; 16], None));
     }
 }

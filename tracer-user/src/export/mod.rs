@@ -76,7 +76,8 @@ impl SpanSink {
 
 enum Exporter {
     Terminal(terminal::TerminalExporter),
-    Otlp(opentelemetry_otlp::SpanExporter),
+    /// Boxed: much larger than the terminal printer, and there is one exporter per agent.
+    Otlp(Box<opentelemetry_otlp::SpanExporter>),
 }
 
 impl Exporter {
@@ -111,7 +112,7 @@ pub fn start(config: &ExportConfig) -> anyhow::Result<(SpanSink, Pipeline)> {
             log::info!("exporting spans over OTLP {} to {endpoint}", protocol.as_str());
             let mut exporter = otel::otlp_exporter(endpoint, *protocol, config.export_timeout)?;
             exporter.set_resource(&config.resource());
-            Exporter::Otlp(exporter)
+            Exporter::Otlp(Box::new(exporter))
         }
     };
     let (sender, receiver) = mpsc::channel(config.max_queue_size);
@@ -167,7 +168,7 @@ async fn batch_loop(
                 outcome => {
                     let failed = stats.failed.fetch_add(count, Ordering::Relaxed) + count;
                     // Log the first failure and then every 100th, not every batch.
-                    if failures_reported % 100 == 0 {
+                    if failures_reported.is_multiple_of(100) {
                         let why = match outcome {
                             Ok(Err(e)) => e,
                             _ => format!("timed out after {:?}", config.export_timeout),
