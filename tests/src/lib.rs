@@ -1,2 +1,12 @@
 pub mod agent;
 pub mod receiver;
+
+/// Timing checks of the end-to-end tests: the lab's delays are exact to well under this.
+pub const TOLERANCE: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Asserts `actual` is within [`TOLERANCE`] of `expected`.
+#[track_caller]
+pub fn assert_close(actual: std::time::Duration, expected: std::time::Duration, what: &str) {
+    let diff = actual.abs_diff(expected);
+    assert!(diff <= TOLERANCE, "{what}: {actual:?}, expected {expected:?} +- {TOLERANCE:?}");
+}

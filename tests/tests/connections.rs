@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use hoptrace_tests::{
     agent::Agent,
+    assert_close,
     receiver::{OtlpReceiver, ReceivedSpan, span_kind, status_code},
 };
 use xtask::lab::{Direction, Host, Lab, LabConfig, NGINX_PORT, PERSONA_IP};
 
-const TOLERANCE: Duration = Duration::from_millis(2);
 
 fn lab_with_nginx() -> Lab {
     Lab::start(LabConfig { python: false, ..LabConfig::default() }).expect("lab")
@@ -53,10 +53,6 @@ fn wait_for(receiver: &OtlpReceiver, name: &str, count: usize) -> Vec<ReceivedSp
     spans.into_iter().filter(|s| s.name == name).collect()
 }
 
-fn assert_close(actual: Duration, expected: Duration, what: &str) {
-    let diff = if actual > expected { actual - expected } else { expected - actual };
-    assert!(diff <= TOLERANCE, "{what}: {actual:?}, expected {expected:?} +- {TOLERANCE:?}");
-}
 
 fn connect_to_persona(spans: &[ReceivedSpan]) -> Vec<&ReceivedSpan> {
     spans

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use hoptrace_tests::{
     agent::Agent,
+    assert_close,
     receiver::{OtlpReceiver, ReceivedSpan, span_kind},
 };
 use xtask::lab::{Direction, Host, Lab, LabConfig, PERSONA_IP};
 
-const TOLERANCE: Duration = Duration::from_millis(2);
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_ID: &str = "00f067aa0ba902b7";
 
@@ -71,10 +71,6 @@ fn wait_http(receiver: &OtlpReceiver, agent_spans: usize, persona_spans: usize) 
         .unwrap_or_else(|e| panic!("waiting for {agent_spans} agent and {persona_spans} persona request spans: {e:#}"))
 }
 
-fn assert_close(actual: Duration, expected: Duration, what: &str) {
-    let diff = if actual > expected { actual - expected } else { expected - actual };
-    assert!(diff <= TOLERANCE, "{what}: {actual:?}, expected {expected:?} +- {TOLERANCE:?}");
-}
 
 #[test]
 fn a_traceparent_yields_agent_and_persona_spans_under_its_parent_with_the_delays_between_them() {
