@@ -45,7 +45,7 @@ install_debian_packages() {
 }
 
 install_python_packages() {
-  if python3 -c 'import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc,
+  if python3 -c 'import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc
 import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.proto.http
 import kubernetes_validate, yaml' 2>/dev/null; then
     return
