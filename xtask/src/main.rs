@@ -82,17 +82,46 @@ fn build_hoptrace() -> anyhow::Result<PathBuf> {
 
 fn test(extra: &[String]) -> anyhow::Result<()> {
     let bin = build_hoptrace()?;
-    let status = cargo()
-        .args(["test", "--workspace", "--exclude", "tracer-ebpf"])
+    // Doc tests are left out: there are none, and their empty "0 passed" summaries would close
+    // the output as if nothing had run.
+    let mut child = cargo()
+        .args(["test", "--workspace", "--exclude", "tracer-ebpf", "--lib", "--bins", "--tests"])
         .args(extra)
         .env("HOPTRACE_BIN", &bin)
         .current_dir(workspace_root())
-        .status()
+        .stdout(Stdio::piped())
+        .spawn()
         .context("running cargo test")?;
-    if !status.success() {
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some((p, f)) = test_result_counts(&line) {
+            passed += p;
+            failed += f;
+        }
+    }
+    let status = child.wait()?;
+    // One closing line for the whole suite, across every test binary.
+    println!("\nhoptrace: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
         bail!("tests failed");
     }
     Ok(())
+}
+
+/// `test result: ok. 59 passed; 0 failed; ...` -> (59, 0).
+fn test_result_counts(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let mut numbers = rest.split(';').filter_map(|part| {
+        let mut words = part.split_whitespace().rev();
+        let (label, count) = (words.next()?, words.next()?);
+        Some((label, count.parse::<u64>().ok()?))
+    });
+    let (_, passed) = numbers.next().filter(|(label, _)| *label == "passed")?;
+    let (_, failed) = numbers.next().filter(|(label, _)| *label == "failed")?;
+    Some((passed, failed))
 }
 
 fn demo(forward_ms: u64, return_ms: u64) -> anyhow::Result<()> {
@@ -174,5 +203,18 @@ impl AgentProcess {
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_result_counts;
+
+    #[test]
+    fn reads_cargo_test_summaries() {
+        let line = "test result: ok. 59 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.44s";
+        assert_eq!(test_result_counts(line), Some((59, 0)));
+        assert_eq!(test_result_counts("test result: FAILED. 3 passed; 2 failed; 0 ignored"), Some((3, 2)));
+        assert_eq!(test_result_counts("running 4 tests"), None);
     }
 }
