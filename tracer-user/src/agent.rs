@@ -13,6 +13,7 @@ use tracer_common::maps::{self, Counter};
 
 use crate::{
     clock::{self, Clock},
+    correlate::{self, Correlator},
     decode::{self, Event},
     ebpf,
     export::{self, ExportConfig, ExportFlags, SpanSink},
@@ -44,16 +45,22 @@ struct Counts {
     ringbuf_full_reported: u64,
 }
 
-/// The assembler and where its spans go: one place to feed records and flush.
+/// The assembler, the single-host firewall join, and where their spans go.
 struct Pipeline<'a> {
     assembler: Assembler,
+    correlator: Correlator,
     sink: &'a SpanSink,
     spans: Vec<HopSpan>,
+    joined: Vec<HopSpan>,
 }
 
 impl Pipeline<'_> {
     fn emit(&mut self, clock: &Clock) {
         for span in self.spans.drain(..) {
+            self.correlator.observe(&span, &mut self.joined);
+            self.sink.send(&span, clock);
+        }
+        for span in self.joined.drain(..) {
             self.sink.send(&span, clock);
         }
     }
@@ -87,6 +94,8 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     }
     let mut pipeline = Pipeline {
         assembler,
+        correlator: Correlator::new(correlate::Config::default()),
+        joined: Vec::new(),
         sink: &sink,
         spans: Vec::new(),
     };
@@ -130,6 +139,11 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     pipeline.assembler.flush(&mut pipeline.spans);
     pipeline.emit(&clock);
     let request_stats = pipeline.assembler.stats.summary();
+    let join = &pipeline.correlator.stats;
+    let request_stats = format!(
+        "{request_stats}; firewall joins {}, one-sided {}, inconsistent {}",
+        join.joined, join.one_sided, join.inconsistent
+    );
     drop(pipeline);
     let stats = sink.stats();
     drop(sink);

@@ -90,8 +90,8 @@ pub struct HopSpan {
     pub events: Vec<(&'static str, u64)>,
 }
 
-#[cfg(test)]
 impl HopSpan {
+    #[cfg(test)]
     pub fn duration_ns(&self) -> u64 {
         self.end_ns.saturating_sub(self.start_ns)
     }

@@ -1,0 +1,117 @@
+//! End-to-end firewall attribution on one host: one agent watching the agent and persona
+//! namespaces (not the fw, which stays uninstrumented) joins both sides of each request by its
+//! traceparent and exports the firewall's forward and return time, through a plain L3
+//! forwarder and through haproxy terminating TCP in the fw.
+
+use std::time::Duration;
+
+use hoptrace_tests::{
+    agent::Agent,
+    receiver::{OtlpReceiver, ReceivedSpan},
+};
+use xtask::lab::{Direction, FW_AGENT_IP, Host, Lab, LabConfig, PERSONA_IP};
+
+const PARENT_ID: &str = "00f067aa0ba902b7";
+/// The delay holder releases packets up to ~0.4 ms late, and never early.
+const SPLIT_TOLERANCE: Duration = Duration::from_millis(1);
+/// Sums on one clock: agent = forward + persona + return, up to the agent host's own kernel time.
+const SUM_TOLERANCE: Duration = Duration::from_micros(500);
+
+fn start(lab: &Lab, receiver: &OtlpReceiver) -> Agent {
+    let endpoint = receiver.grpc_endpoint();
+    Agent::start(
+        &["--netns", lab.netns(Host::Agent).name(), "--netns", lab.netns(Host::Persona).name()],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")],
+    )
+    .expect("agent")
+}
+
+fn spans_of(receiver: &OtlpReceiver, trace_id: &str, firewall_spans: usize) -> Vec<ReceivedSpan> {
+    receiver
+        .try_wait_for_spans(
+            |spans| spans.iter().filter(|s| s.trace_id == trace_id && s.name == "firewall").count() >= firewall_spans,
+            Duration::from_secs(15),
+        )
+        .unwrap_or_else(|e| panic!("waiting for {firewall_spans} firewall spans: {e:#}"))
+        .into_iter()
+        .filter(|s| s.trace_id == trace_id)
+        .collect()
+}
+
+fn within(actual: Duration, expected: Duration, tolerance: Duration, what: &str) {
+    assert!(actual.abs_diff(expected) <= tolerance, "{what}: {actual:?}, expected {expected:?} +- {tolerance:?}");
+}
+
+/// Checks the last request of `spans` (a keep-alive one): split and sums.
+fn check_split(spans: &[ReceivedSpan], forward_ms: u64, return_ms: u64, mode: &str) {
+    let by = |name: &str, hop: &str| {
+        let mut found: Vec<&ReceivedSpan> =
+            spans.iter().filter(|s| s.name == name && s.attr_str("hoptrace.hop") == Some(hop)).collect();
+        found.sort_by_key(|s| s.start_time_unix_nano);
+        found
+    };
+    let (agent, persona) = (by("GET", "agent"), by("GET", "persona"));
+    let (total, forward, back) = (by("firewall", "firewall"), by("firewall.forward", "firewall"), by("firewall.return", "firewall"));
+    assert_eq!((agent.len(), persona.len(), total.len(), forward.len(), back.len()), (2, 2, 2, 2, 2), "{spans:#?}");
+    for span in total.iter().chain(&forward).chain(&back) {
+        assert_eq!(span.parent_span_id, PARENT_ID, "under the caller, like the agent and persona spans");
+        assert_eq!(span.attr_str("hoptrace.firewall.mode"), Some(mode));
+        assert!(span.attr_str("hoptrace.uncertain").is_none(), "NIC times on both sides: {span:#?}");
+    }
+    assert_eq!(forward[1].attr_str("hoptrace.direction"), Some("forward"));
+    within(forward[1].duration(), Duration::from_millis(forward_ms), SPLIT_TOLERANCE, "forward");
+    within(back[1].duration(), Duration::from_millis(return_ms), SPLIT_TOLERANCE, "return");
+    let sum = forward[1].duration() + persona[1].duration() + back[1].duration();
+    within(agent[1].duration(), sum, SUM_TOLERANCE, "agent = forward + persona + return");
+    let total_ns = total[1].attr_i64("hoptrace.firewall.total_ns").expect("total") as u64;
+    within(Duration::from_nanos(total_ns), agent[1].duration() - persona[1].duration(), Duration::ZERO, "total");
+}
+
+#[test]
+fn an_l3_forwarder_gets_forward_and_return_spans_that_add_up() {
+    let lab = Lab::start(LabConfig { python: false, ..LabConfig::default() }).expect("lab");
+    let receiver = OtlpReceiver::start().expect("receiver");
+    let _agent = start(&lab, &receiver);
+    lab.set_delay(Direction::Forward, Duration::from_millis(20)).unwrap();
+    lab.set_delay(Direction::Return, Duration::from_millis(10)).unwrap();
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let header = format!("traceparent: 00-{trace}-{PARENT_ID}-01");
+    let url = lab.nginx_url("/");
+    lab.run(Host::Agent, &["curl", "-sS", "-o", "/dev/null", "-o", "/dev/null", "-H", &header, &url, &url]).unwrap();
+    check_split(&spans_of(&receiver, trace, 2), 20, 10, "forwarder");
+}
+
+#[test]
+fn a_tcp_terminating_proxy_is_attributed_by_trace_context() {
+    let lab = Lab::start(LabConfig { python: false, ..LabConfig::default() }).expect("lab");
+    let config = lab.temp_dir().join("haproxy.cfg");
+    std::fs::write(
+        &config,
+        format!(
+            "global\n  maxconn 1000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend fw\n  bind {FW_AGENT_IP}:8080\n  default_backend persona\n\
+             backend persona\n  server p {PERSONA_IP}:80\n"
+        ),
+    )
+    .unwrap();
+    let _haproxy = lab.spawn(Host::Fw, &["haproxy", "-db", "-f", config.to_str().unwrap()]).expect("haproxy");
+    // Wait until haproxy listens.
+    let ready = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        lab.exec(Host::Agent, &["curl", "-s", "-o", "/dev/null", &format!("http://{FW_AGENT_IP}:8080/")])
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    assert!(ready, "haproxy did not come up");
+    let receiver = OtlpReceiver::start().expect("receiver");
+    let _agent = start(&lab, &receiver);
+    lab.set_delay(Direction::Forward, Duration::from_millis(15)).unwrap();
+    lab.set_delay(Direction::Return, Duration::from_millis(5)).unwrap();
+    let trace = "1af7651916cd43dd8448eb211c80319c";
+    let header = format!("traceparent: 00-{trace}-{PARENT_ID}-01");
+    let url = format!("http://{FW_AGENT_IP}:8080/");
+    lab.run(Host::Agent, &["curl", "-sS", "-o", "/dev/null", "-o", "/dev/null", "-H", &header, &url, &url]).unwrap();
+    // haproxy's own leg to the persona is new per request or reused: either way the join is by
+    // trace context, and the split is on the agent's and the persona's NICs.
+    check_split(&spans_of(&receiver, trace, 2), 15, 5, "proxy");
+}
