@@ -167,6 +167,10 @@ fn demo(forward_ms: u64, return_ms: u64) -> anyhow::Result<()> {
          \x20 kernel receive / application / kernel send; agent minus persona = {rtt} ms per round trip in\n\
          \x20 the network and the fw;\n\
          - tcp.accept persona: the SYN-ACK's round trip seen from the server, {rtt} ms;\n\
+         - firewall: both sides joined by trace context; firewall.forward = request leaving the\n\
+         \x20 agent's NIC -> reaching the persona's ({forward_ms} ms), firewall.return = response leaving\n\
+         \x20 the persona's NIC -> reaching the agent's ({return_ms} ms); agent - persona is all the time\n\
+         \x20 spent outside the persona (with the connect and the body's transfer);\n\
          - the connect to :81 is an ERROR span: refused."
     );
     Ok(())

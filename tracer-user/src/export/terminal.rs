@@ -97,6 +97,10 @@ pub fn format_span(span: &SpanData) -> String {
     if !detail.is_empty() {
         line.push_str(&format!("  {detail}"));
     }
+    if let Some(total) = attr("hoptrace.firewall.total_ns").and_then(|v| v.parse::<f64>().ok()) {
+        let mode = text("hoptrace.firewall.mode");
+        line.push_str(&format!("  agent - persona = {:.3} ms ({mode})", total / 1e6));
+    }
     if let Some(why) = uncertain {
         line.push_str(&format!("  (uncertain {why})"));
     }
