@@ -525,7 +525,11 @@ impl Assembler {
         let Some(socket) = tracked(sockets, stats, config.max_sockets, event.skaddr, event.header.ts_ns) else {
             return;
         };
-        socket.endpoint = endpoint(event);
+        // Addresses don't change; the owner may (a socket passed on): refresh only then, not for
+        // every record (it allocates).
+        if socket.endpoint.local.is_none() || socket.endpoint.tgid != event.header.tgid {
+            socket.endpoint = endpoint(event);
+        }
         if socket.side.is_none() {
             // A connection older than the agent: who is the client shows in the first bytes.
             socket.side = match (sending, http::looks_like_request(data), http::looks_like_response(data)) {
