@@ -61,8 +61,14 @@ fn check_split(spans: &[ReceivedSpan], forward_ms: u64, return_ms: u64, mode: &s
     assert_eq!(forward[1].attr_str("hoptrace.direction"), Some("forward"));
     within(forward[1].duration(), Duration::from_millis(forward_ms), SPLIT_TOLERANCE, "forward");
     within(back[1].duration(), Duration::from_millis(return_ms), SPLIT_TOLERANCE, "return");
+    // From the agent host's NIC and back, the request's time is exactly forward + persona +
+    // return (one clock); the agent's whole span adds its own host's kernel time on top, small
+    // but not bounded on a loaded 2-core machine.
+    let event = |span: &ReceivedSpan, name: &str| span.event(name).expect(name).time_unix_nano;
+    let agent_nic = Duration::from_nanos(event(agent[1], "response.nic_ingress") - event(agent[1], "request.nic_egress"));
     let sum = forward[1].duration() + persona[1].duration() + back[1].duration();
-    within(agent[1].duration(), sum, SUM_TOLERANCE, "agent = forward + persona + return");
+    within(agent_nic, sum, SUM_TOLERANCE, "agent (NIC to NIC) = forward + persona + return");
+    within(agent[1].duration(), sum, Duration::from_millis(2), "agent = forward + persona + return + its kernel");
     let total_ns = total[1].attr_i64("hoptrace.firewall.total_ns").expect("total") as u64;
     within(Duration::from_nanos(total_ns), agent[1].duration() - persona[1].duration(), Duration::ZERO, "total");
 }

@@ -39,6 +39,9 @@ pub struct DataEvent {
     /// receive, when the first segment of the unread data reached TCP (`tcp:tcp_probe`).
     /// 0 = not seen.
     pub tcp_ns: u64,
+    /// Receive only: when the segment starting with the first byte read arrived at a NIC
+    /// (looked up in the kernel at the read: the arrival is already recorded then); 0 = unknown.
+    pub nic_ns: u64,
     pub netns_ino: u32,
     /// Bytes the syscall moved (its return value).
     pub len: u32,
@@ -63,7 +66,7 @@ pub struct DataEvent {
 
 /// Size of everything before `data`.
 pub const DATA_HEADER_LEN: usize = core::mem::offset_of!(DataEvent, data);
-const _: () = assert!(DATA_HEADER_LEN == 112);
+const _: () = assert!(DATA_HEADER_LEN == 120);
 const _: () = assert!(core::mem::size_of::<DataEvent>() == DATA_HEADER_LEN + MAX_CAPTURE);
 
 /// What a probe remembers between a syscall's entry and its exit (keyed by pid_tgid).

@@ -28,10 +28,12 @@ use tracer_common::{
         buffer_kind,
     },
     maps::{Counter, KernelOffsets},
+    nic::NicKey,
 };
 
 use crate::{
     maps::{EVENTS, count},
+    nic::NIC_RX,
     scope,
 };
 
@@ -237,6 +239,19 @@ fn emit(context: &SyscallContext, pid_tgid: u64, moved: u64) -> Result<(), ()> {
     event.seq = context.seq;
     event._pad = 0;
     fill_addresses(event, sk, &off);
+    event.nic_ns = 0;
+    if context.direction == DIRECTION_RECV {
+        let key = NicKey {
+            local_addr: event.saddr,
+            remote_addr: event.daddr,
+            local_port: event.sport,
+            remote_port: event.dport,
+            seq: context.seq,
+        };
+        if let Some(arrived) = unsafe { NIC_RX.get(&key) } {
+            event.nic_ns = *arrived;
+        }
+    }
     event.comm = bpf_get_current_comm().unwrap_or_default();
 
     let (source, available) = first_buffer(context);

@@ -16,7 +16,7 @@ use tracer_common::nic::NicKey;
 static NIC_TX: LruHashMap<NicKey, u64> = LruHashMap::with_max_entries(65536, 0);
 
 #[map]
-static NIC_RX: LruHashMap<NicKey, u64> = LruHashMap::with_max_entries(65536, 0);
+pub static NIC_RX: LruHashMap<NicKey, u64> = LruHashMap::with_max_entries(65536, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;

@@ -102,34 +102,28 @@ fn interfaces() -> anyhow::Result<Vec<(u32, String)>> {
     Ok(found)
 }
 
-/// When segments crossed a NIC, by connection and first sequence number.
+/// When segments left through a NIC, by connection and first sequence number. (Arrivals come
+/// with the receive records: the kernel looks them up at the read.)
 pub trait NicTimes {
     fn egress(&self, key: &NicKey) -> Option<u64>;
-    fn ingress(&self, key: &NicKey) -> Option<u64>;
 }
 
-/// The kernel's tables, read at span-building time (the segment left before the response came).
+/// The kernel's egress table, read at span-building time: a request's segment left before its
+/// response came back, a response's before the persona's next read or the span's end.
 pub struct KernelNicTimes {
     tx: HashMap<MapData, NicKey, u64>,
-    rx: HashMap<MapData, NicKey, u64>,
 }
 
 impl KernelNicTimes {
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
-        let mut take = |name| -> anyhow::Result<HashMap<MapData, NicKey, u64>> {
-            Ok(HashMap::try_from(ebpf.take_map(name).with_context(|| format!("{name} missing"))?)?)
-        };
-        Ok(Self { tx: take(maps::NIC_TX)?, rx: take(maps::NIC_RX)? })
+        let tx = ebpf.take_map(maps::NIC_TX).with_context(|| format!("{} missing", maps::NIC_TX))?;
+        Ok(Self { tx: HashMap::try_from(tx)? })
     }
 }
 
 impl NicTimes for KernelNicTimes {
     fn egress(&self, key: &NicKey) -> Option<u64> {
         self.tx.get(key, 0).ok()
-    }
-
-    fn ingress(&self, key: &NicKey) -> Option<u64> {
-        self.rx.get(key, 0).ok()
     }
 }
 

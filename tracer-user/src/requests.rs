@@ -124,6 +124,8 @@ struct Stamp {
     exit_ns: u64,
     /// TCP sequence number of the record's first byte: finds its segment at the NIC.
     seq: u32,
+    /// Receive records: when that segment arrived at the NIC (0 = unknown).
+    nic_ns: u64,
 }
 
 /// Who is at the ends of a socket, from its latest record.
@@ -516,6 +518,7 @@ impl Assembler {
             tcp_ns: event.tcp_ns,
             exit_ns: event.header.ts_ns,
             seq: event.seq,
+            nic_ns: event.nic_ns,
         };
         let captured = usize::from(event.captured).min(event.data.len());
         let data = &event.data[..captured];
@@ -774,9 +777,11 @@ fn build_spans(
     // The NIC times of the request's and the response's first segments, where the layer exists
     // and the first byte started a segment.
     let nic_at = |stamp: &Stamp, egress: bool| -> Option<u64> {
+        if !egress {
+            return (stamp.nic_ns != 0).then_some(stamp.nic_ns);
+        }
         let (nic, local, peer) = (env.nic?, endpoint.local?, endpoint.peer?);
-        let key = crate::nic::key(local, peer, stamp.seq);
-        if egress { nic.egress(&key) } else { nic.ingress(&key) }
+        nic.egress(&crate::nic::key(local, peer, stamp.seq))
     };
     let layers = env.layers;
     let ids = request.ids?;

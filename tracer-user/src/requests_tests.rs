@@ -40,6 +40,7 @@ fn record(sk: u64, direction: u8, bytes: &[u8], at: At) -> DataEvent {
         skaddr: sk,
         enter_ns: us(at.0),
         tcp_ns: us(at.1),
+        nic_ns: 0,
         netns_ino: 4_026_532_000,
         len: u32::try_from(bytes.len()).unwrap(),
         captured: u16::try_from(captured).unwrap(),
@@ -1140,29 +1141,31 @@ proptest! {
     }
 }
 
-/// NIC times keyed by sequence number (the tests' records use their entry time as seq).
+/// NIC egress times keyed by sequence number (the tests' records use their entry time as seq).
 struct FakeNic {
     egress: Vec<(u32, u64)>,
-    ingress: Vec<(u32, u64)>,
 }
 
 impl crate::nic::NicTimes for FakeNic {
     fn egress(&self, key: &tracer_common::nic::NicKey) -> Option<u64> {
         self.egress.iter().find(|(seq, _)| *seq == key.seq).map(|(_, t)| *t)
     }
-    fn ingress(&self, key: &tracer_common::nic::NicKey) -> Option<u64> {
-        self.ingress.iter().find(|(seq, _)| *seq == key.seq).map(|(_, t)| *t)
-    }
+}
+
+/// A receive record whose first segment arrived at the NIC at `nic_us` (the kernel's lookup).
+fn arrived_at(mut event: DataEvent, nic_us: u64) -> DataEvent {
+    event.nic_ns = us(nic_us);
+    event
 }
 
 #[test]
 fn the_nic_layer_moves_the_persona_start_to_arrival_and_marks_the_agent_span() {
     // Server side: request record entered at 2_000 (its seq), NIC arrival at 1_500 us.
-    let nic = FakeNic { egress: vec![(3_000, us(3_040)), (1_200, us(1_210))], ingress: vec![(2_000, us(1_500)), (1_300, us(1_880))] };
+    let nic = FakeNic { egress: vec![(3_000, us(3_040)), (1_200, us(1_210))] };
     let mut r = Replay::with(Config::default());
     r.asm = Assembler::new(Config::default()).with_nic(Box::new(nic));
     r.accept(SK2, 1_000, 50);
-    r.recv(SK2, get_traced("/n"), At(2_000, 1_600, 2_100));
+    r.data(&arrived_at(record(SK2, DIRECTION_RECV, &get_traced("/n"), At(2_000, 1_600, 2_100)), 1_500));
     r.send(SK2, ok("x"), At(3_000, 3_010, 3_020));
     let spans = r.take();
     let persona = only_hop(&spans);
@@ -1172,7 +1175,7 @@ fn the_nic_layer_moves_the_persona_start_to_arrival_and_marks_the_agent_span() {
     // Client side: the request's segment left at 1_210, the response's arrived at 1_880.
     r.connect(SK, 1_000, 1_100);
     r.send(SK, get_traced("/m"), At(1_200, 1_205, 1_206));
-    r.recv(SK, ok("y"), At(1_300, 1_890, 1_900));
+    r.data(&arrived_at(record(SK, DIRECTION_RECV, &ok("y"), At(1_300, 1_890, 1_900)), 1_880));
     let spans = r.take();
     let agent = only_hop(&spans);
     assert!(agent.events.iter().any(|(n, t)| *n == "request.nic_egress" && *t == us(1_210)));
