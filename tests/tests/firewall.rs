@@ -62,13 +62,13 @@ fn check_split(spans: &[ReceivedSpan], forward_ms: u64, return_ms: u64, mode: &s
     within(forward[1].duration(), Duration::from_millis(forward_ms), SPLIT_TOLERANCE, "forward");
     within(back[1].duration(), Duration::from_millis(return_ms), SPLIT_TOLERANCE, "return");
     // From the agent host's NIC and back, the request's time is exactly forward + persona +
-    // return (one clock); the agent's whole span adds its own host's kernel time on top, small
-    // but not bounded on a loaded 2-core machine.
+    // return (one clock); the agent's whole span adds its own host's time on top (kernel, and
+    // the wait until curl runs again: unbounded on a loaded 2-core machine, so not checked).
     let event = |span: &ReceivedSpan, name: &str| span.event(name).expect(name).time_unix_nano;
     let agent_nic = Duration::from_nanos(event(agent[1], "response.nic_ingress") - event(agent[1], "request.nic_egress"));
     let sum = forward[1].duration() + persona[1].duration() + back[1].duration();
     within(agent_nic, sum, SUM_TOLERANCE, "agent (NIC to NIC) = forward + persona + return");
-    within(agent[1].duration(), sum, Duration::from_millis(2), "agent = forward + persona + return + its kernel");
+    assert!(agent[1].duration() >= agent_nic, "the agent span contains its NIC-to-NIC part");
     let total_ns = total[1].attr_i64("hoptrace.firewall.total_ns").expect("total") as u64;
     within(Duration::from_nanos(total_ns), agent[1].duration() - persona[1].duration(), Duration::ZERO, "total");
 }
