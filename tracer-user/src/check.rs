@@ -134,7 +134,7 @@ fn probe_hooks(object: &mut Ebpf, findings: &mut Vec<Finding>) {
         p.detach(link)?;
         Ok(())
     });
-    hook("tp_btf", Need::Optional, "typed socket hooks (request timelines)", 1, &|o| {
+    hook("tp_btf", Need::Optional, "typed hooks (not used yet)", 1, &|o| {
         let btf = btf.as_ref().context("no kernel BTF")?;
         let p: &mut BtfTracePoint = program(o, "check_tp_btf")?;
         p.load("sys_enter", btf)?;
@@ -152,7 +152,7 @@ fn probe_hooks(object: &mut Ebpf, findings: &mut Vec<Finding>) {
         p.detach(link)?;
         Ok(())
     });
-    hook("tc (tcx/clsact)", Need::Optional, "NIC timestamps by TCP sequence", 3, &|o| check_tc(o));
+    hook("tc (tcx/clsact)", Need::Optional, "NIC layer: segment times by TCP sequence", 3, &|o| check_tc(o));
     hook("kprobe", Need::Optional, "faster socket hooks (optional accelerator)", 4, &|o| {
         let p: &mut KProbe = program(o, "check_kprobe")?;
         p.load()?;
@@ -254,6 +254,8 @@ fn report(findings: &[Finding]) {
         };
         let _ = writeln!(out, "  {:<56} [{status}] {hooks}", layer.describe());
     }
+    let nic = if works("tc (tcx/clsact)") { "[ready]" } else { "[absent: the agent runs without this layer]" };
+    let _ = writeln!(out, "  {:<56} {nic} tc egress/ingress on the observed namespaces' interfaces", "NIC layer");
     let accelerators = if works("fentry") || works("kprobe") {
         "available (not needed: the agent stands on tracepoints)"
     } else {
