@@ -1,6 +1,6 @@
 //! `hoptrace check` on the real kernel: what works, the probe plan, and the exit status.
 
-use std::process::Command;
+use std::process::{Command, Output};
 
 use hoptrace_tests::agent::hoptrace_bin;
 
@@ -19,15 +19,20 @@ fn check_reports_every_hook_kind_and_passes_here() {
     assert!(text.contains("result: every required hook works"), "{text}");
 }
 
-#[test]
-fn check_without_privileges_fails_and_says_why() {
-    // As nobody, with no capabilities: loading anything must fail, clearly.
-    let out = Command::new("setpriv")
+/// Runs `hoptrace COMMAND` as nobody, with no capabilities.
+fn unprivileged(command: &str) -> Output {
+    Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
         .arg(hoptrace_bin().unwrap())
-        .arg("check")
+        .arg(command)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn check_without_privileges_fails_and_says_why() {
+    // Loading anything must fail, clearly.
+    let out = unprivileged("check");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "check passed without privileges:\n{text}");
     assert!(text.contains("MISSING") && text.contains("root"), "{text}");
@@ -36,12 +41,7 @@ fn check_without_privileges_fails_and_says_why() {
 
 #[test]
 fn the_agent_without_privileges_refuses_to_start_with_a_clear_message() {
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
-        .arg(hoptrace_bin().unwrap())
-        .arg("agent")
-        .output()
-        .unwrap();
+    let out = unprivileged("agent");
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(log.contains("needs root"), "{log}");

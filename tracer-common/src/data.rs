@@ -87,7 +87,8 @@ pub struct SyscallContext {
     pub iov_count: u32,
     /// TCP sequence number of the first byte moved, from the socket tracepoint.
     pub seq: u32,
-    pub _pad2: u32,
+    /// The socket's network namespace, read once by the socket tracepoint for its scope check.
+    pub netns_ino: u32,
 }
 const _: () = assert!(core::mem::size_of::<SyscallContext>() == 48);
 

@@ -110,7 +110,7 @@ fn enter(ctx: &TracePointContext, direction: u8, kind: u8) {
         _pad: [0; 2],
         iov_count,
         seq: 0,
-        _pad2: 0,
+        netns_ino: 0,
     };
     let _ = SYSCALLS.insert(&pid_tgid, &context, 0);
 }
@@ -157,17 +157,15 @@ fn on_socket(ctx: &TracePointContext, direction: u8) {
         return;
     }
     let off = scope::offsets();
-    let in_scope = match scope::sock_netns(sk, &off) {
-        Ok(netns) => scope::netns_in_scope(netns) && {
-            let (local, remote) = ports(sk, &off);
-            scope::ports_in_scope(local, remote)
-        },
-        Err(()) => false,
-    };
-    if !in_scope {
+    let netns = scope::sock_netns(sk, &off).ok().filter(|&netns| {
+        let (local, remote) = ports(sk, &off);
+        scope::netns_in_scope(netns) && scope::ports_in_scope(local, remote)
+    });
+    let Some(netns) = netns else {
         let _ = SYSCALLS.remove(&pid_tgid);
         return;
-    }
+    };
+    context.netns_ino = netns;
     // A sendfile can call sendmsg several times: the first call holds the first byte.
     let first_call = context.skaddr == 0;
     context.skaddr = sk;
@@ -233,7 +231,7 @@ fn emit(context: &SyscallContext, pid_tgid: u64, moved: u64) -> Result<(), ()> {
         }
         let _ = RX_ARRIVAL.remove(&sk);
     }
-    event.netns_ino = scope::sock_netns(sk, &off).unwrap_or(0);
+    event.netns_ino = context.netns_ino;
     event.len = moved.min(u32::MAX as u64) as u32;
     event.direction = context.direction;
     event.seq = context.seq;

@@ -29,7 +29,7 @@ pub fn attach(ebpf: &mut Ebpf, scope: &Scope) -> anyhow::Result<usize> {
     let namespaces: Vec<Option<PathBuf>> = if scope.netns.is_empty() {
         vec![None]
     } else {
-        scope.netns.iter().map(|n| Some(netns_path(&n.spec))).collect()
+        scope.netns.iter().map(|n| Some(n.path.clone())).collect()
     };
     for name in ["nic_egress", "nic_ingress"] {
         let program: &mut SchedClassifier =
@@ -45,10 +45,6 @@ pub fn attach(ebpf: &mut Ebpf, scope: &Scope) -> anyhow::Result<usize> {
         })?;
     }
     Ok(attached)
-}
-
-fn netns_path(spec: &str) -> PathBuf {
-    if spec.contains('/') { PathBuf::from(spec) } else { PathBuf::from("/run/netns").join(spec) }
 }
 
 /// Runs on its own thread: enters `namespace` (if any) and attaches there.

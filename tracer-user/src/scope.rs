@@ -20,6 +20,8 @@ pub struct Scope {
 pub struct NetnsRef {
     /// What the user wrote (a name or a path), for messages.
     pub spec: String,
+    /// The namespace file it resolved to (entered to attach tc inside the namespace).
+    pub path: PathBuf,
     pub inode: u32,
 }
 
@@ -69,7 +71,7 @@ fn resolve_netns(spec: &str) -> Result<NetnsRef, ScopeError> {
         reason: e.to_string(),
     })?;
     // Namespace inode numbers fit in 32 bits (the kernel's ns_common.inum is an unsigned int).
-    Ok(NetnsRef { spec: spec.into(), inode: meta.ino() as u32 })
+    Ok(NetnsRef { spec: spec.into(), path, inode: meta.ino() as u32 })
 }
 
 #[cfg(test)]

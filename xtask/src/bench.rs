@@ -464,20 +464,7 @@ impl Bench<'_> {
     fn nginx_pids(&self) -> Vec<u32> {
         let masters = self.lab.server_pids();
         let mut pids = masters.clone();
-        if let Ok(entries) = fs::read_dir("/proc") {
-            for entry in entries.flatten() {
-                let Some(pid) = entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|s| s.parse::<u32>().ok())
-                else {
-                    continue;
-                };
-                if parent_pid(pid).is_some_and(|ppid| masters.contains(&ppid)) {
-                    pids.push(pid);
-                }
-            }
-        }
+        pids.extend(proc_pids().into_iter().filter(|&pid| parent_pid(pid).is_some_and(|ppid| masters.contains(&ppid))));
         pids
     }
 
@@ -1330,24 +1317,24 @@ fn vm_hwm_kib(pid: u32) -> Result<u64> {
 fn ksoftirqd_pids() -> Vec<u32> {
     static PIDS: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
     PIDS.get_or_init(|| {
-        let mut pids = Vec::new();
-        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if fs::read_to_string(entry.path().join("comm"))
-                .is_ok_and(|c| c.starts_with("ksoftirqd/"))
-            {
-                pids.push(pid);
-            }
-        }
-        pids
+        proc_pids()
+            .into_iter()
+            .filter(|pid| {
+                fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("ksoftirqd/"))
+            })
+            .collect()
     })
     .clone()
+}
+
+/// Every process id in /proc.
+fn proc_pids() -> Vec<u32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .collect()
 }
 
 /// Parent pid from /proc/PID/stat.
