@@ -85,7 +85,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     // Doc tests are left out: there are none, and their empty "0 passed" summaries would close
     // the output as if nothing had run.
     let mut child = cargo()
-        .args(["test", "--workspace", "--exclude", "tracer-ebpf", "--lib", "--bins", "--tests"])
+        .args(["test", "--no-fail-fast", "--workspace", "--exclude", "tracer-ebpf", "--lib", "--bins", "--tests"])
         .args(extra)
         .env("HOPTRACE_BIN", &bin)
         .current_dir(workspace_root())
