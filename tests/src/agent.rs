@@ -28,7 +28,10 @@ pub fn hoptrace_bin() -> Result<PathBuf> {
         .context("test binary has no target/<profile>/deps parent")?;
     let bin = profile_dir.join("hoptrace");
     if !bin.exists() {
-        bail!("{} not found: build it first (`cargo build -p hoptrace`, which ./x test does)", bin.display());
+        bail!(
+            "{} not found: build it first (`cargo build -p hoptrace`, which ./x test does)",
+            bin.display()
+        );
     }
     Ok(bin)
 }
@@ -43,9 +46,17 @@ impl Agent {
     /// Starts `hoptrace agent ARGS` with extra environment and waits for it to be attached.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let mut command = Command::new(hoptrace_bin()?);
-        command.arg("agent").args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        command
+            .arg("agent")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         // Tests must not inherit an exporter configuration from the environment.
-        for key in ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SDK_DISABLED"] {
+        for key in [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_SDK_DISABLED",
+        ] {
             command.env_remove(key);
         }
         command.env("OTEL_BSP_SCHEDULE_DELAY", "100");
@@ -71,14 +82,21 @@ impl Agent {
                 sink.lock().unwrap().push_str(&(line + "\n"));
             }
         });
-        let mut agent = Self { child: Some(child), stderr, stdout };
+        let mut agent = Self {
+            child: Some(child),
+            stderr,
+            stdout,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if ready_rx.recv_timeout(Duration::from_millis(100)).is_ok() {
                 return Ok(agent);
             }
             if let Some(status) = agent.child.as_mut().unwrap().try_wait()? {
-                bail!("hoptrace agent exited with {status} before it was ready:\n{}", agent.stderr());
+                bail!(
+                    "hoptrace agent exited with {status} before it was ready:\n{}",
+                    agent.stderr()
+                );
             }
             if Instant::now() > deadline {
                 bail!("hoptrace agent not ready after 30 s:\n{}", agent.stderr());
@@ -108,7 +126,10 @@ impl Agent {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("hoptrace agent did not stop within 15 s of SIGTERM:\n{}", self.stderr());
+                bail!(
+                    "hoptrace agent did not stop within 15 s of SIGTERM:\n{}",
+                    self.stderr()
+                );
             }
             thread::sleep(Duration::from_millis(20));
         }

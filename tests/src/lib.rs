@@ -8,5 +8,8 @@ pub const TOLERANCE: std::time::Duration = std::time::Duration::from_millis(2);
 #[track_caller]
 pub fn assert_close(actual: std::time::Duration, expected: std::time::Duration, what: &str) {
     let diff = actual.abs_diff(expected);
-    assert!(diff <= TOLERANCE, "{what}: {actual:?}, expected {expected:?} +- {TOLERANCE:?}");
+    assert!(
+        diff <= TOLERANCE,
+        "{what}: {actual:?}, expected {expected:?} +- {TOLERANCE:?}"
+    );
 }

@@ -453,10 +453,13 @@ impl OtlpReceiver {
                     "the OTLP receiver did not get the expected spans within {timeout:?}; \
                      it got {} span(s), by name: {:?}",
                     spans.len(),
-                    spans.iter().fold(std::collections::BTreeMap::<&str, usize>::new(), |mut counts, s| {
-                        *counts.entry(s.name.as_str()).or_default() += 1;
-                        counts
-                    })
+                    spans.iter().fold(
+                        std::collections::BTreeMap::<&str, usize>::new(),
+                        |mut counts, s| {
+                            *counts.entry(s.name.as_str()).or_default() += 1;
+                            counts
+                        }
+                    )
                 );
             }
             self.check_alive()?;

@@ -6,23 +6,55 @@ use hoptrace_tests::agent::hoptrace_bin;
 
 #[test]
 fn check_reports_every_hook_kind_and_passes_here() {
-    let out = Command::new(hoptrace_bin().unwrap()).arg("check").output().unwrap();
+    let out = Command::new(hoptrace_bin().unwrap())
+        .arg("check")
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    for row in ["tracepoint ", "tp_btf ", "uprobe ", "tc (tcx/clsact) ", "kprobe ", "fentry ", "kernel BTF ", "tracefs "] {
-        assert!(text.lines().any(|l| l.starts_with(row)), "no {row:?} row:\n{text}");
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for row in [
+        "tracepoint ",
+        "tp_btf ",
+        "uprobe ",
+        "tc (tcx/clsact) ",
+        "kprobe ",
+        "fentry ",
+        "kernel BTF ",
+        "tracefs ",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(row)),
+            "no {row:?} row:\n{text}"
+        );
     }
     // This project's machines: tracepoints, uprobes and tc work, kprobes and fentry do not.
-    let result = |row: &str| text.lines().find(|l| l.starts_with(row)).map(|l| l.split_whitespace().nth(2).unwrap_or("").to_string());
+    let result = |row: &str| {
+        text.lines()
+            .find(|l| l.starts_with(row))
+            .map(|l| l.split_whitespace().nth(2).unwrap_or("").to_string())
+    };
     assert_eq!(result("tracepoint ").as_deref(), Some("works"));
-    assert!(text.contains("probe plan of `hoptrace agent`") && text.contains("[ready] sock:inet_sock_set_state"), "{text}");
+    assert!(
+        text.contains("probe plan of `hoptrace agent`")
+            && text.contains("[ready] sock:inet_sock_set_state"),
+        "{text}"
+    );
     assert!(text.contains("result: every required hook works"), "{text}");
 }
 
 /// Runs `hoptrace COMMAND` as nobody, with no capabilities.
 fn unprivileged(command: &str) -> Output {
     Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
         .arg(hoptrace_bin().unwrap())
         .arg(command)
         .output()
@@ -34,7 +66,10 @@ fn check_without_privileges_fails_and_says_why() {
     // Loading anything must fail, clearly.
     let out = unprivileged("check");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "check passed without privileges:\n{text}");
+    assert!(
+        !out.status.success(),
+        "check passed without privileges:\n{text}"
+    );
     assert!(text.contains("MISSING") && text.contains("root"), "{text}");
     assert!(text.contains("the agent cannot run here"), "{text}");
 }

@@ -11,9 +11,12 @@ use hoptrace_tests::{
 };
 use xtask::lab::{Direction, Host, Lab, LabConfig, NGINX_PORT, PERSONA_IP};
 
-
 fn lab_with_nginx() -> Lab {
-    Lab::start(LabConfig { python: false, ..LabConfig::default() }).expect("lab")
+    Lab::start(LabConfig {
+        python: false,
+        ..LabConfig::default()
+    })
+    .expect("lab")
 }
 
 fn agent_for(lab: &Lab, hosts: &[Host], receiver: &OtlpReceiver, protocol: &str) -> Agent {
@@ -28,13 +31,20 @@ fn agent_for(lab: &Lab, hosts: &[Host], receiver: &OtlpReceiver, protocol: &str)
     }
     Agent::start(
         &args,
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint), ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
+        ],
     )
     .expect("agent")
 }
 
 fn curl(lab: &Lab, url: &str) {
-    lab.run(Host::Agent, &["curl", "-sS", "-o", "/dev/null", "--max-time", "5", url]).expect("curl");
+    lab.run(
+        Host::Agent,
+        &["curl", "-sS", "-o", "/dev/null", "--max-time", "5", url],
+    )
+    .expect("curl");
 }
 
 fn netns_inode(lab: &Lab, host: Host) -> i64 {
@@ -53,7 +63,6 @@ fn wait_for(receiver: &OtlpReceiver, name: &str, count: usize) -> Vec<ReceivedSp
     spans.into_iter().filter(|s| s.name == name).collect()
 }
 
-
 fn connect_to_persona(spans: &[ReceivedSpan]) -> Vec<&ReceivedSpan> {
     spans
         .iter()
@@ -66,11 +75,31 @@ fn forward_delay_shows_in_the_connect_span_and_only_the_scoped_namespace_is_seen
     let lab = lab_with_nginx();
     let receiver = OtlpReceiver::start().expect("receiver");
     let mut agent = agent_for(&lab, &[Host::Agent], &receiver, "grpc");
-    lab.set_delay(Direction::Forward, Duration::from_millis(20)).unwrap();
-    // Traffic the agent must not see: inside persona, and in the fw namespace.
-    lab.run(Host::Persona, &["curl", "-sS", "-o", "/dev/null", &format!("http://{PERSONA_IP}/")])
+    lab.set_delay(Direction::Forward, Duration::from_millis(20))
         .unwrap();
-    lab.run(Host::Fw, &["curl", "-sS", "-o", "/dev/null", &format!("http://{PERSONA_IP}/")]).unwrap();
+    // Traffic the agent must not see: inside persona, and in the fw namespace.
+    lab.run(
+        Host::Persona,
+        &[
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            &format!("http://{PERSONA_IP}/"),
+        ],
+    )
+    .unwrap();
+    lab.run(
+        Host::Fw,
+        &[
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            &format!("http://{PERSONA_IP}/"),
+        ],
+    )
+    .unwrap();
     for _ in 0..3 {
         curl(&lab, &lab.nginx_url("/"));
     }
@@ -79,7 +108,11 @@ fn forward_delay_shows_in_the_connect_span_and_only_the_scoped_namespace_is_seen
     let ours = connect_to_persona(&spans);
     assert_eq!(ours.len(), 3, "one connect span per curl: {spans:#?}");
     for span in &ours {
-        assert_close(span.duration(), Duration::from_millis(20), "connect with 20 ms forward delay");
+        assert_close(
+            span.duration(),
+            Duration::from_millis(20),
+            "connect with 20 ms forward delay",
+        );
         assert_eq!(span.kind, span_kind::CLIENT);
         assert_eq!(span.status.code, status_code::UNSET);
         assert_eq!(span.attr_str("hoptrace.hop"), Some("agent"));
@@ -93,10 +126,14 @@ fn forward_delay_shows_in_the_connect_span_and_only_the_scoped_namespace_is_seen
     let all = receiver.spans();
     let agent_ns = netns_inode(&lab, Host::Agent);
     assert!(
-        all.iter().all(|s| s.attr_i64("hoptrace.netns") == Some(agent_ns)),
+        all.iter()
+            .all(|s| s.attr_i64("hoptrace.netns") == Some(agent_ns)),
         "spans from namespaces the agent was not told to watch: {all:#?}"
     );
-    assert!(all.iter().all(|s| s.name != "tcp.accept"), "persona is not observed: {all:#?}");
+    assert!(
+        all.iter().all(|s| s.name != "tcp.accept"),
+        "persona is not observed: {all:#?}"
+    );
 }
 
 #[test]
@@ -104,12 +141,17 @@ fn return_delay_shows_in_the_connect_span_over_http_protobuf() {
     let lab = lab_with_nginx();
     let receiver = OtlpReceiver::start().expect("receiver");
     let _agent = agent_for(&lab, &[Host::Agent], &receiver, "http/protobuf");
-    lab.set_delay(Direction::Return, Duration::from_millis(20)).unwrap();
+    lab.set_delay(Direction::Return, Duration::from_millis(20))
+        .unwrap();
     curl(&lab, &lab.nginx_url("/"));
     let spans = wait_for(&receiver, "tcp.connect", 1);
     let ours = connect_to_persona(&spans);
     assert_eq!(ours.len(), 1, "{spans:#?}");
-    assert_close(ours[0].duration(), Duration::from_millis(20), "connect with 20 ms return delay");
+    assert_close(
+        ours[0].duration(),
+        Duration::from_millis(20),
+        "connect with 20 ms return delay",
+    );
 }
 
 #[test]
@@ -117,19 +159,31 @@ fn the_persona_side_handshake_lasts_one_syn_ack_round_trip() {
     let lab = lab_with_nginx();
     let receiver = OtlpReceiver::start().expect("receiver");
     let _agent = agent_for(&lab, &[Host::Agent, Host::Persona], &receiver, "grpc");
-    lab.set_delay(Direction::Forward, Duration::from_millis(15)).unwrap();
+    lab.set_delay(Direction::Forward, Duration::from_millis(15))
+        .unwrap();
     curl(&lab, &lab.nginx_url("/"));
     let accepts = wait_for(&receiver, "tcp.accept", 1);
     let accept = &accepts[0];
     // SYN-ACK out, then the ACK crosses the delayed forward path.
-    assert_close(accept.duration(), Duration::from_millis(15), "accept with 15 ms forward delay");
+    assert_close(
+        accept.duration(),
+        Duration::from_millis(15),
+        "accept with 15 ms forward delay",
+    );
     assert_eq!(accept.kind, span_kind::SERVER);
     assert_eq!(accept.attr_str("hoptrace.hop"), Some("persona"));
     assert_eq!(accept.attr_str("process.executable.name"), Some("nginx"));
     assert_eq!(accept.attr_str("network.peer.address"), Some("10.10.1.2"));
-    assert_eq!(accept.attr_i64("hoptrace.netns"), Some(netns_inode(&lab, Host::Persona)));
+    assert_eq!(
+        accept.attr_i64("hoptrace.netns"),
+        Some(netns_inode(&lab, Host::Persona))
+    );
     let connects = wait_for(&receiver, "tcp.connect", 1);
-    assert_close(connects[0].duration(), Duration::from_millis(15), "the agent's connect");
+    assert_close(
+        connects[0].duration(),
+        Duration::from_millis(15),
+        "the agent's connect",
+    );
 }
 
 #[test]
@@ -138,7 +192,16 @@ fn a_refused_connection_is_an_error_span_with_the_reason() {
     let receiver = OtlpReceiver::start().expect("receiver");
     let _agent = agent_for(&lab, &[Host::Agent], &receiver, "grpc");
     let refused = lab
-        .exec(Host::Agent, &["curl", "-sS", "--max-time", "5", &format!("http://{PERSONA_IP}:81/")])
+        .exec(
+            Host::Agent,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                &format!("http://{PERSONA_IP}:81/"),
+            ],
+        )
         .output()
         .unwrap();
     assert!(!refused.status.success(), "nothing listens on :81");
@@ -154,15 +217,22 @@ fn a_refused_connection_is_an_error_span_with_the_reason() {
 fn without_an_endpoint_spans_print_to_the_terminal_and_stop_flushes_them() {
     let lab = lab_with_nginx();
     let ns = lab.netns(Host::Agent).name().to_string();
-    let mut agent = Agent::start(&["--netns", &ns], &[("OTEL_BSP_SCHEDULE_DELAY", "60000")]).unwrap();
+    let mut agent =
+        Agent::start(&["--netns", &ns], &[("OTEL_BSP_SCHEDULE_DELAY", "60000")]).unwrap();
     curl(&lab, &lab.nginx_url("/"));
     std::thread::sleep(Duration::from_millis(300));
     // The batch delay is a minute: only the shutdown flush can have printed the span.
     let status = agent.stop().unwrap();
     assert!(status.success(), "{}", agent.stderr());
     let out = agent.stdout();
-    let line = out.lines().find(|l| l.contains("tcp.connect")).unwrap_or_else(|| panic!("{out}"));
-    assert!(line.contains("curl[") && line.contains("-> 10.10.2.2:80"), "{line}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("tcp.connect"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("curl[") && line.contains("-> 10.10.2.2:80"),
+        "{line}"
+    );
     // The request span and its connect child.
     assert!(agent.stderr().contains("exported 2"), "{}", agent.stderr());
     assert!(out.contains("GET / 200"), "{out}");
@@ -170,8 +240,13 @@ fn without_an_endpoint_spans_print_to_the_terminal_and_stop_flushes_them() {
 
 #[test]
 fn bad_scope_and_a_down_collector_are_clear_errors_not_hangs() {
-    let unknown = Agent::start(&["--netns", "hoptrace-no-such-namespace"], &[]).err().unwrap();
-    assert!(format!("{unknown:#}").contains("ip netns list"), "{unknown:#}");
+    let unknown = Agent::start(&["--netns", "hoptrace-no-such-namespace"], &[])
+        .err()
+        .unwrap();
+    assert!(
+        format!("{unknown:#}").contains("ip netns list"),
+        "{unknown:#}"
+    );
 
     // Nothing listens on this port: export fails, is counted and logged, the agent keeps going
     // and still stops promptly.
@@ -190,7 +265,14 @@ fn bad_scope_and_a_down_collector_are_clear_errors_not_hangs() {
     std::thread::sleep(Duration::from_millis(500));
     let started = std::time::Instant::now();
     assert!(agent.stop().unwrap().success());
-    assert!(started.elapsed() < Duration::from_secs(8), "stop took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "stop took {:?}",
+        started.elapsed()
+    );
     let log = agent.stderr();
-    assert!(log.contains("export failed") && log.contains("failed (exporter) 2"), "{log}");
+    assert!(
+        log.contains("export failed") && log.contains("failed (exporter) 2"),
+        "{log}"
+    );
 }

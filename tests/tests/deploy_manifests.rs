@@ -27,16 +27,26 @@ use serde_json::{Value, json};
 
 /// The oldest and the newest Kubernetes minor version whose schemas every object must pass.
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.28", "1.37"];
-const VALIDATOR_INSTALL: &str = "python3 -m pip install kubernetes-validate==1.37.0 (scripts/setup.sh does)";
+const VALIDATOR_INSTALL: &str =
+    "python3 -m pip install kubernetes-validate==1.37.0 (scripts/setup.sh does)";
 const OVERLAYS: [&str; 3] = ["privileged", "tracing-off", "tracing-on"];
 /// The capabilities the agent and its check get, and no others (agent-daemonset.yaml says why).
-const AGENT_CAPABILITIES: [&str; 5] = ["BPF", "PERFMON", "NET_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH"];
+const AGENT_CAPABILITIES: [&str; 5] = [
+    "BPF",
+    "PERFMON",
+    "NET_ADMIN",
+    "SYS_PTRACE",
+    "DAC_READ_SEARCH",
+];
 
 // ---------------------------------------------------------------------------------------------
 // Paths, processes and scratch space
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 fn kube() -> PathBuf {
@@ -50,14 +60,18 @@ fn render_py() -> PathBuf {
 /// A fresh directory, under cargo's scratch space for integration tests; one name per test
 /// (tests run in parallel), left behind for a look after a failure.
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("deploy_manifests").join(name);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("deploy_manifests")
+        .join(name);
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     fs::canonicalize(&dir).expect("canonical scratch path")
 }
 
 fn run(command: &mut Command, what: &str) -> Output {
-    command.output().unwrap_or_else(|e| panic!("{what}: cannot run {command:?}: {e}"))
+    command
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run {command:?}: {e}"))
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -88,7 +102,12 @@ fn require_validator() {
 // YAML (through render.py, which uses PyYAML) and rendering
 
 fn parse_json_docs(out: Output, what: &str) -> Vec<Value> {
-    assert!(out.status.success(), "{what} failed:\n{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     match serde_json::from_slice(&out.stdout) {
         Ok(Value::Array(docs)) => docs,
         other => panic!("{what}: expected a JSON array, got {other:?}"),
@@ -99,7 +118,10 @@ fn parse_json_docs(out: Output, what: &str) -> Vec<Value> {
 fn yaml_file(path: &Path) -> Vec<Value> {
     require_validator();
     parse_json_docs(
-        run(python().arg(render_py()).arg("json").arg(path), "render.py json"),
+        run(
+            python().arg(render_py()).arg("json").arg(path),
+            "render.py json",
+        ),
         &format!("parsing {}", path.display()),
     )
 }
@@ -115,14 +137,26 @@ fn yaml_str(yaml: &str, what: &str) -> Vec<Value> {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawning render.py json -");
-    child.stdin.take().expect("stdin").write_all(yaml.as_bytes()).expect("writing YAML to render.py");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(yaml.as_bytes())
+        .expect("writing YAML to render.py");
     parse_json_docs(child.wait_with_output().expect("render.py json -"), what)
 }
 
 /// `dir` rendered by render.py, or its error output.
 fn try_render_lite(dir: &Path) -> Result<Vec<Value>, String> {
     require_validator();
-    let out = run(python().arg(render_py()).arg("build").arg(dir).arg("--json"), "render.py build");
+    let out = run(
+        python()
+            .arg(render_py())
+            .arg("build")
+            .arg(dir)
+            .arg("--json"),
+        "render.py build",
+    );
     if !out.status.success() {
         return Err(text(&out.stderr));
     }
@@ -147,10 +181,16 @@ fn kustomize() -> Option<&'static [&'static str]> {
         }
         let probe = scratch("kustomize-probe");
         fs::create_dir_all(probe.join("component")).expect("probe dir");
-        fs::write(probe.join("kustomization.yaml"), "resources: [map.yaml]\ncomponents: [component]\n")
-            .expect("probe");
-        fs::write(probe.join("map.yaml"), "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: probe}\n")
-            .expect("probe");
+        fs::write(
+            probe.join("kustomization.yaml"),
+            "resources: [map.yaml]\ncomponents: [component]\n",
+        )
+        .expect("probe");
+        fs::write(
+            probe.join("map.yaml"),
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: probe}\n",
+        )
+        .expect("probe");
         fs::write(
             probe.join("component/kustomization.yaml"),
             r#"
@@ -162,7 +202,8 @@ patches:
 "#,
         )
         .expect("probe");
-        let candidates: [&'static [&'static str]; 2] = [&["kustomize", "build"], &["kubectl", "kustomize"]];
+        let candidates: [&'static [&'static str]; 2] =
+            [&["kustomize", "build"], &["kubectl", "kustomize"]];
         let found = candidates.into_iter().find(|tool| {
             Command::new(tool[0])
                 .args(&tool[1..])
@@ -175,7 +216,9 @@ patches:
         match found {
             Some(tool) => eprintln!("comparing render.py with `{}`", tool.join(" ")),
             None => {
-                eprintln!("no kustomize with components on PATH: overlays are rendered by render.py alone")
+                eprintln!(
+                    "no kustomize with components on PATH: overlays are rendered by render.py alone"
+                )
             }
         }
         found
@@ -192,14 +235,21 @@ fn render_kustomize(dir: &Path) -> Option<Vec<Value>> {
         dir.display(),
         text(&out.stderr)
     );
-    Some(yaml_str(&text(&out.stdout), &format!("{} output", tool.join(" "))))
+    Some(yaml_str(
+        &text(&out.stdout),
+        &format!("{} output", tool.join(" ")),
+    ))
 }
 
 /// Renders `dir` with render.py and, where available, kustomize; they must agree.
 fn render(dir: &Path) -> Vec<Value> {
     let lite = render_lite(dir);
     if let Some(real) = render_kustomize(dir) {
-        let by_id = |docs: &[Value]| docs.iter().map(|d| (id(d), d.clone())).collect::<BTreeMap<_, _>>();
+        let by_id = |docs: &[Value]| {
+            docs.iter()
+                .map(|d| (id(d), d.clone()))
+                .collect::<BTreeMap<_, _>>()
+        };
         let (lite_map, real_map) = (by_id(&lite), by_id(&real));
         assert_eq!(
             lite_map.keys().collect::<Vec<_>>(),
@@ -234,14 +284,19 @@ fn validate(file: &Path, docs: usize) -> Result<(), String> {
     }
     let out = run(command.arg(file), "kubernetes-validate");
     let report = format!("{}{}", text(&out.stdout), text(&out.stderr));
-    let passed =
-        report.lines().filter(|l| l.starts_with("INFO ") && l.contains(" passed for resource ")).count();
+    let passed = report
+        .lines()
+        .filter(|l| l.starts_with("INFO ") && l.contains(" passed for resource "))
+        .count();
     let complaints = report.lines().any(|l| !l.starts_with("INFO "));
     let expected = docs * KUBERNETES_VERSIONS.len();
     if out.status.success() && !complaints && passed == expected {
         Ok(())
     } else {
-        Err(format!("{} ({passed} of {expected} checks passed):\n{report}", file.display()))
+        Err(format!(
+            "{} ({passed} of {expected} checks passed):\n{report}",
+            file.display()
+        ))
     }
 }
 
@@ -275,15 +330,24 @@ fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
     objects
         .iter()
         .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("no {kind} {name} among {:?}", objects.iter().map(id).collect::<Vec<_>>()))
+        .unwrap_or_else(|| {
+            panic!(
+                "no {kind} {name} among {:?}",
+                objects.iter().map(id).collect::<Vec<_>>()
+            )
+        })
 }
 
 fn str_of<'a>(value: &'a Value, what: &str) -> &'a str {
-    value.as_str().unwrap_or_else(|| panic!("{what}: expected a string, got {value}"))
+    value
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: expected a string, got {value}"))
 }
 
 fn array_of<'a>(value: &'a Value, what: &str) -> &'a Vec<Value> {
-    value.as_array().unwrap_or_else(|| panic!("{what}: expected an array, got {value}"))
+    value
+        .as_array()
+        .unwrap_or_else(|| panic!("{what}: expected an array, got {value}"))
 }
 
 fn pod_spec(workload: &Value) -> &Value {
@@ -298,7 +362,12 @@ fn container<'a>(workload: &'a Value, list: &str, name: &str) -> &'a Value {
 }
 
 fn workloads(objects: &[Value]) -> impl Iterator<Item = &Value> {
-    objects.iter().filter(|o| matches!(o["kind"].as_str(), Some("DaemonSet" | "Deployment" | "StatefulSet")))
+    objects.iter().filter(|o| {
+        matches!(
+            o["kind"].as_str(),
+            Some("DaemonSet" | "Deployment" | "StatefulSet")
+        )
+    })
 }
 
 fn base() -> &'static [Value] {
@@ -328,34 +397,52 @@ fn bytes(quantity: &str) -> u64 {
     ];
     for (suffix, factor) in units {
         if let Some(number) = quantity.strip_suffix(suffix) {
-            return number.parse::<u64>().unwrap_or_else(|e| panic!("quantity {quantity}: {e}")) * factor;
+            return number
+                .parse::<u64>()
+                .unwrap_or_else(|e| panic!("quantity {quantity}: {e}"))
+                * factor;
         }
     }
-    quantity.parse().unwrap_or_else(|e| panic!("quantity {quantity}: {e}"))
+    quantity
+        .parse()
+        .unwrap_or_else(|e| panic!("quantity {quantity}: {e}"))
 }
 
 /// The container port a Service port's targetPort refers to (by name or number), if any.
 fn target_container_port(workload: &Value, target: &Value) -> Option<u64> {
-    array_of(&pod_spec(workload)["containers"], "containers").iter().find_map(|c| {
-        c["ports"].as_array()?.iter().find_map(|p| {
-            let hit = match target {
-                Value::String(name) => p["name"] == *name,
-                Value::Number(_) => p["containerPort"] == *target,
-                _ => false,
-            };
-            hit.then(|| p["containerPort"].as_u64()).flatten()
+    array_of(&pod_spec(workload)["containers"], "containers")
+        .iter()
+        .find_map(|c| {
+            c["ports"].as_array()?.iter().find_map(|p| {
+                let hit = match target {
+                    Value::String(name) => p["name"] == *name,
+                    Value::Number(_) => p["containerPort"] == *target,
+                    _ => false,
+                };
+                hit.then(|| p["containerPort"].as_u64()).flatten()
+            })
         })
-    })
 }
 
 /// The workload whose pods a Service selects.
 fn selected_workload<'a>(objects: &'a [Value], service: &Value) -> &'a Value {
-    let selector =
-        service["spec"]["selector"].as_object().unwrap_or_else(|| panic!("{}: no selector", id(service)));
+    let selector = service["spec"]["selector"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{}: no selector", id(service)));
     let hits: Vec<_> = workloads(objects)
-        .filter(|w| selector.iter().all(|(k, v)| w["spec"]["template"]["metadata"]["labels"][k] == *v))
+        .filter(|w| {
+            selector
+                .iter()
+                .all(|(k, v)| w["spec"]["template"]["metadata"]["labels"][k] == *v)
+        })
         .collect();
-    assert_eq!(hits.len(), 1, "{} selects {} workloads", id(service), hits.len());
+    assert_eq!(
+        hits.len(),
+        1,
+        "{} selects {} workloads",
+        id(service),
+        hits.len()
+    );
     hits[0]
 }
 
@@ -366,9 +453,17 @@ fn service_ports(objects: &[Value], service_name: &str) -> BTreeMap<u64, u64> {
     array_of(&service["spec"]["ports"], "Service ports")
         .iter()
         .map(|p| {
-            let target = if p["targetPort"].is_null() { &p["port"] } else { &p["targetPort"] };
+            let target = if p["targetPort"].is_null() {
+                &p["port"]
+            } else {
+                &p["targetPort"]
+            };
             let container_port = target_container_port(workload, target).unwrap_or_else(|| {
-                panic!("{}: targetPort {target} matches no container port of {}", id(service), id(workload))
+                panic!(
+                    "{}: targetPort {target} matches no container port of {}",
+                    id(service),
+                    id(workload)
+                )
             });
             (p["port"].as_u64().expect("port number"), container_port)
         })
@@ -376,15 +471,27 @@ fn service_ports(objects: &[Value], service_name: &str) -> BTreeMap<u64, u64> {
 }
 
 fn env_value<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
-    container["env"].as_array()?.iter().find(|e| e["name"] == name)?["value"].as_str()
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)?["value"]
+        .as_str()
 }
 
 /// (host, port) of an endpoint URL such as http://hoptrace-collector:4317 or tempo:4317.
 fn host_port(endpoint: &str) -> (String, u64) {
-    let rest = endpoint.split_once("://").map_or(endpoint, |(_, rest)| rest);
+    let rest = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
     let authority = rest.split('/').next().unwrap_or(rest);
-    let (host, port) = authority.rsplit_once(':').unwrap_or_else(|| panic!("{endpoint}: no port"));
-    (host.to_string(), port.parse().unwrap_or_else(|e| panic!("{endpoint}: port: {e}")))
+    let (host, port) = authority
+        .rsplit_once(':')
+        .unwrap_or_else(|| panic!("{endpoint}: no port"));
+    (
+        host.to_string(),
+        port.parse()
+            .unwrap_or_else(|e| panic!("{endpoint}: port: {e}")),
+    )
 }
 
 fn port_of(endpoint: &str) -> u64 {
@@ -420,21 +527,28 @@ fn files() -> Files {
         generated_from: BTreeSet::new(),
         kustomizations: BTreeSet::new(),
     };
-    for path in all.iter().filter(|p| p.file_name().is_some_and(|n| n == "kustomization.yaml")) {
+    for path in all
+        .iter()
+        .filter(|p| p.file_name().is_some_and(|n| n == "kustomization.yaml"))
+    {
         let dir = path.parent().expect("parent");
         files.kustomizations.insert(path.clone());
         let k = &yaml_file(path)[0];
         for resource in k["resources"].as_array().into_iter().flatten() {
             let target = dir.join(str_of(resource, "resource"));
             if target.is_file() {
-                files.manifests.insert(fs::canonicalize(&target).expect("canonical path"));
+                files
+                    .manifests
+                    .insert(fs::canonicalize(&target).expect("canonical path"));
             }
         }
         for generator in k["configMapGenerator"].as_array().into_iter().flatten() {
             for file in generator["files"].as_array().into_iter().flatten() {
                 let file = str_of(file, "generator file");
                 let file = file.split_once('=').map_or(file, |(_, path)| path);
-                files.generated_from.insert(fs::canonicalize(dir.join(file)).expect("canonical path"));
+                files
+                    .generated_from
+                    .insert(fs::canonicalize(dir.join(file)).expect("canonical path"));
             }
         }
     }
@@ -445,7 +559,11 @@ fn files() -> Files {
             || files.manifests.contains(&canonical)
             || files.generated_from.contains(&canonical)
             || path == &render_py();
-        assert!(listed, "{} is neither a manifest, a kustomization nor a generator input", path.display());
+        assert!(
+            listed,
+            "{} is neither a manifest, a kustomization nor a generator input",
+            path.display()
+        );
     }
     files
 }
@@ -456,10 +574,21 @@ fn files() -> Files {
 #[test]
 fn every_manifest_passes_strict_schema_validation() {
     let files = files();
-    assert!(files.manifests.len() >= 7, "found only {:?}", files.manifests);
-    let failures: Vec<_> =
-        files.manifests.iter().filter_map(|file| validate(file, yaml_file(file).len()).err()).collect();
-    assert!(failures.is_empty(), "manifests failing validation:\n{}", failures.join("\n"));
+    assert!(
+        files.manifests.len() >= 7,
+        "found only {:?}",
+        files.manifests
+    );
+    let failures: Vec<_> = files
+        .manifests
+        .iter()
+        .filter_map(|file| validate(file, yaml_file(file).len()).err())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "manifests failing validation:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -472,19 +601,30 @@ fn every_overlay_renders_and_its_output_passes_strict_schema_validation() {
     }
     renders.push(("composed".to_string(), composed().to_vec()));
     for (name, objects) in &renders {
-        assert!(objects.len() >= 13, "{name}: only {} objects", objects.len());
+        assert!(
+            objects.len() >= 13,
+            "{name}: only {} objects",
+            objects.len()
+        );
         if let Err(e) = validate_objects(objects, &dir, name) {
             failures.push(e);
         }
     }
-    assert!(failures.is_empty(), "rendered output failing validation:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "rendered output failing validation:\n{}",
+        failures.join("\n")
+    );
 }
 
 /// `deploy/kubernetes/<path>` as a path relative to `dir` (kustomize refuses absolute ones).
 fn relative_from(dir: &Path, path: &str) -> String {
     let up = "../".repeat(dir.components().count() - 1);
     let kube = fs::canonicalize(kube()).expect("canonical deploy/kubernetes");
-    format!("{up}{}/{path}", kube.strip_prefix("/").expect("absolute path").display())
+    format!(
+        "{up}{}/{path}",
+        kube.strip_prefix("/").expect("absolute path").display()
+    )
 }
 
 /// A user's overlay as deploy/README.md describes one: components combined, the image moved to
@@ -582,7 +722,12 @@ fn the_validator_rejects_broken_manifests() {
         let original_path = kube().join("base").join(b.file);
         let original = fs::read_to_string(&original_path).expect("reading manifest");
         let docs = yaml_file(&original_path).len();
-        assert!(original.contains(b.from), "{} no longer contains {:?}: update this test", b.file, b.from);
+        assert!(
+            original.contains(b.from),
+            "{} no longer contains {:?}: update this test",
+            b.file,
+            b.from
+        );
         // The unbroken copy passes from the same place, so the failure is the edit's doing.
         let intact = dir.join(format!("{index}-intact-{}", b.file));
         fs::write(&intact, &original).expect("writing copy");
@@ -592,15 +737,24 @@ fn the_validator_rejects_broken_manifests() {
         match validate(&broken, docs) {
             Ok(()) => panic!("{}: {:?} -> {:?} passed validation", b.file, b.from, b.to),
             Err(report) => {
-                assert!(report.contains(b.expect), "{}: expected {:?} in:\n{report}", b.file, b.expect)
+                assert!(
+                    report.contains(b.expect),
+                    "{}: expected {:?} in:\n{report}",
+                    b.file,
+                    b.expect
+                )
             }
         }
     }
     // The rendered path too: a broken object among rendered ones.
     let mut objects = base().to_vec();
-    let agent = objects.iter_mut().find(|o| o["kind"] == "DaemonSet").expect("DaemonSet");
+    let agent = objects
+        .iter_mut()
+        .find(|o| o["kind"] == "DaemonSet")
+        .expect("DaemonSet");
     agent["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = json!("30s");
-    let err = validate_objects(&objects, &dir, "rendered-broken").expect_err("a string grace period passed");
+    let err = validate_objects(&objects, &dir, "rendered-broken")
+        .expect_err("a string grace period passed");
     assert!(err.contains("terminationGracePeriodSeconds"), "{err}");
 }
 
@@ -610,9 +764,15 @@ fn render_py_refuses_what_it_does_not_implement() {
     // (a kustomization, BASE standing for the relative path to the base; what render.py says)
     let cases = [
         // A kustomize feature render.py does not implement.
-        ("resources: [BASE]\ncommonLabels: {team: lab}\n", "commonLabels not supported"),
+        (
+            "resources: [BASE]\ncommonLabels: {team: lab}\n",
+            "commonLabels not supported",
+        ),
         // Generated names with hashes (render.py cannot reproduce kustomize's hash).
-        ("configMapGenerator:\n  - name: x\n    literals: [a=b]\n", "disableNameSuffixHash"),
+        (
+            "configMapGenerator:\n  - name: x\n    literals: [a=b]\n",
+            "disableNameSuffixHash",
+        ),
         // A JSON patch whose guard fails: the components' `test` operations catch a reordering.
         (
             r#"
@@ -664,33 +824,56 @@ fn the_agent_runs_least_privileged_with_the_host_views_it_needs() {
         "a hostNetwork pod cannot resolve Services otherwise"
     );
     assert_eq!(spec["automountServiceAccountToken"], false);
-    let names =
-        |list: &str| array_of(&spec[list], list).iter().map(|c| c["name"].clone()).collect::<Vec<_>>();
+    let names = |list: &str| {
+        array_of(&spec[list], list)
+            .iter()
+            .map(|c| c["name"].clone())
+            .collect::<Vec<_>>()
+    };
     // The overlays' JSON patches address the containers by index: check first, agent first.
     assert_eq!(names("initContainers"), [json!("check")]);
     assert_eq!(names("containers"), [json!("agent")]);
     let check = container(ds, "initContainers", "check");
     let agent = container(ds, "containers", "agent");
-    assert_eq!(check["args"], json!(["check"]), "the init container must be `hoptrace check`");
+    assert_eq!(
+        check["args"],
+        json!(["check"]),
+        "the init container must be `hoptrace check`"
+    );
     assert_eq!(check["image"], agent["image"]);
 
     let sc = &agent["securityContext"];
     assert_eq!(sc["privileged"], false);
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
-    assert_eq!(sc["runAsUser"], 0, "added capabilities reach the effective set of uid 0 only");
+    assert_eq!(
+        sc["runAsUser"], 0,
+        "added capabilities reach the effective set of uid 0 only"
+    );
     assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
     let added: BTreeSet<_> = array_of(&sc["capabilities"]["add"], "capabilities.add")
         .iter()
         .map(|c| str_of(c, "capability"))
         .collect();
-    assert_eq!(added, AGENT_CAPABILITIES.into_iter().collect(), "the base's capability set");
-    assert_eq!(check["securityContext"], *sc, "check must probe with exactly the agent's privileges");
+    assert_eq!(
+        added,
+        AGENT_CAPABILITIES.into_iter().collect(),
+        "the base's capability set"
+    );
+    assert_eq!(
+        check["securityContext"], *sc,
+        "check must probe with exactly the agent's privileges"
+    );
 
     // Host paths, mounted where the agent looks for them, read-only.
     let volumes: BTreeMap<_, _> = array_of(&spec["volumes"], "volumes")
         .iter()
-        .map(|v| (str_of(&v["name"], "volume name"), str_of(&v["hostPath"]["path"], "hostPath")))
+        .map(|v| {
+            (
+                str_of(&v["name"], "volume name"),
+                str_of(&v["hostPath"]["path"], "hostPath"),
+            )
+        })
         .collect();
     let expected = [
         ("btf", "/sys/kernel/btf"),
@@ -702,36 +885,59 @@ fn the_agent_runs_least_privileged_with_the_host_views_it_needs() {
     for c in [check, agent] {
         for mount in array_of(&c["volumeMounts"], "volumeMounts") {
             let name = str_of(&mount["name"], "mount name");
-            assert_eq!(mount["mountPath"], volumes[name], "{name} mounted where the host has it");
+            assert_eq!(
+                mount["mountPath"], volumes[name],
+                "{name} mounted where the host has it"
+            );
             assert_eq!(mount["readOnly"], true, "{name} read-only");
         }
     }
-    let agent_mounts: BTreeSet<_> =
-        array_of(&agent["volumeMounts"], "mounts").iter().map(|m| str_of(&m["name"], "name")).collect();
+    let agent_mounts: BTreeSet<_> = array_of(&agent["volumeMounts"], "mounts")
+        .iter()
+        .map(|m| str_of(&m["name"], "name"))
+        .collect();
     assert_eq!(agent_mounts, volumes.keys().copied().collect());
     let netns_mount = array_of(&agent["volumeMounts"], "mounts")
         .iter()
         .find(|m| m["name"] == "netns")
         .expect("netns mount");
-    assert_eq!(netns_mount["mountPropagation"], "HostToContainer", "namespaces added later must show up");
+    assert_eq!(
+        netns_mount["mountPropagation"], "HostToContainer",
+        "namespaces added later must show up"
+    );
 
     // Memory: requested and limited (eBPF maps are charged to the pod's cgroup).
     for c in [check, agent] {
-        let request = bytes(str_of(&c["resources"]["requests"]["memory"], "memory request"));
+        let request = bytes(str_of(
+            &c["resources"]["requests"]["memory"],
+            "memory request",
+        ));
         let limit = bytes(str_of(&c["resources"]["limits"]["memory"], "memory limit"));
-        assert!((64 << 20..=limit).contains(&request) && limit <= 256 << 20, "memory {request}..{limit}");
+        assert!(
+            (64 << 20..=limit).contains(&request) && limit <= 256 << 20,
+            "memory {request}..{limit}"
+        );
     }
 
     // Shutdown: the grace period outlasts the flush, and the flush outlasts one export.
     let config = config_map_data(objects, "hoptrace-agent");
-    let shutdown: f64 = str_of(&config["HOPTRACE_SHUTDOWN_TIMEOUT"], "shutdown").parse().expect("seconds");
-    let export_ms: f64 = str_of(&config["OTEL_BSP_EXPORT_TIMEOUT"], "export timeout").parse().expect("ms");
-    let grace = spec["terminationGracePeriodSeconds"].as_f64().expect("grace period");
+    let shutdown: f64 = str_of(&config["HOPTRACE_SHUTDOWN_TIMEOUT"], "shutdown")
+        .parse()
+        .expect("seconds");
+    let export_ms: f64 = str_of(&config["OTEL_BSP_EXPORT_TIMEOUT"], "export timeout")
+        .parse()
+        .expect("ms");
+    let grace = spec["terminationGracePeriodSeconds"]
+        .as_f64()
+        .expect("grace period");
     assert!(
         grace >= shutdown + 5.0,
         "terminationGracePeriodSeconds {grace} vs --shutdown-timeout {shutdown}"
     );
-    assert!(export_ms / 1000.0 < shutdown, "OTEL_BSP_EXPORT_TIMEOUT {export_ms} ms vs shutdown {shutdown} s");
+    assert!(
+        export_ms / 1000.0 < shutdown,
+        "OTEL_BSP_EXPORT_TIMEOUT {export_ms} ms vs shutdown {shutdown} s"
+    );
 }
 
 #[test]
@@ -743,12 +949,18 @@ fn the_agent_environment_is_complete_and_well_formed() {
     let config = config_map_data(objects, config_name);
 
     let protocol = str_of(&config["OTEL_EXPORTER_OTLP_PROTOCOL"], "protocol");
-    assert!(["grpc", "http/protobuf", "http/json"].contains(&protocol), "protocol {protocol}");
+    assert!(
+        ["grpc", "http/protobuf", "http/json"].contains(&protocol),
+        "protocol {protocol}"
+    );
     assert!(["true", "false"].contains(&str_of(&config["OTEL_SDK_DISABLED"], "sdk disabled")));
     for (key, value) in config {
         let value = str_of(value, key);
         if key.starts_with("OTEL_BSP_") || key == "HOPTRACE_SHUTDOWN_TIMEOUT" {
-            assert!(value.parse::<f64>().is_ok(), "{key}={value} is not a number");
+            assert!(
+                value.parse::<f64>().is_ok(),
+                "{key}={value} is not a number"
+            );
         }
         assert!(
             key.starts_with("OTEL_") || key.starts_with("HOPTRACE_") || key == "RUST_LOG",
@@ -756,7 +968,10 @@ fn the_agent_environment_is_complete_and_well_formed() {
         );
     }
     for scope in ["HOPTRACE_NETNS", "HOPTRACE_PIDS", "HOPTRACE_PORTS"] {
-        assert!(config.contains_key(scope), "{scope} missing from the ConfigMap");
+        assert!(
+            config.contains_key(scope),
+            "{scope} missing from the ConfigMap"
+        );
     }
 
     // Resource attributes from the downward API; $(NAME) must name something defined before it
@@ -776,10 +991,17 @@ fn the_agent_environment_is_complete_and_well_formed() {
         }
         defined.insert(name.to_string());
     }
-    let node = env.iter().find(|e| e["name"] == "K8S_NODE_NAME").expect("K8S_NODE_NAME");
+    let node = env
+        .iter()
+        .find(|e| e["name"] == "K8S_NODE_NAME")
+        .expect("K8S_NODE_NAME");
     assert_eq!(node["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
-    let attributes = env_value(agent, "OTEL_RESOURCE_ATTRIBUTES").expect("OTEL_RESOURCE_ATTRIBUTES");
-    assert!(attributes.contains("k8s.node.name=$(K8S_NODE_NAME)"), "{attributes}");
+    let attributes =
+        env_value(agent, "OTEL_RESOURCE_ATTRIBUTES").expect("OTEL_RESOURCE_ATTRIBUTES");
+    assert!(
+        attributes.contains("k8s.node.name=$(K8S_NODE_NAME)"),
+        "{attributes}"
+    );
 }
 
 /// The shell wrapper that turns the ConfigMap's scope lists into flags, run for real against a
@@ -792,23 +1014,41 @@ fn the_agent_wrapper_turns_scope_lists_into_repeated_flags() {
     assert_eq!(command[..2], ["/bin/sh", "-c"]);
     let dir = scratch("wrapper");
     let stand_in = dir.join("hoptrace");
-    fs::write(&stand_in, "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done\n").expect("stand-in");
+    fs::write(
+        &stand_in,
+        "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done\n",
+    )
+    .expect("stand-in");
     let chmod = run(Command::new("chmod").arg("+x").arg(&stand_in), "chmod");
     assert!(chmod.status.success());
-    let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let args = |env: &[(&str, &str)]| -> Vec<String> {
         let mut sh = Command::new(command[0]);
-        sh.args(&command[1..]).env_clear().env("PATH", &path).current_dir(&dir);
+        sh.args(&command[1..])
+            .env_clear()
+            .env("PATH", &path)
+            .current_dir(&dir);
         for (k, v) in env {
             sh.env(k, v);
         }
         let out = run(&mut sh, "the agent wrapper");
-        assert!(out.status.success(), "wrapper failed: {}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "wrapper failed: {}",
+            text(&out.stderr)
+        );
         text(&out.stdout).lines().map(String::from).collect()
     };
     // The ConfigMap's defaults: the whole host.
     let config = config_map_data(base(), "hoptrace-agent");
-    let defaults: Vec<(&str, &str)> = config.iter().map(|(k, v)| (k.as_str(), str_of(v, k))).collect();
+    let defaults: Vec<(&str, &str)> = config
+        .iter()
+        .map(|(k, v)| (k.as_str(), str_of(v, k)))
+        .collect();
     assert_eq!(args(&defaults), ["agent", "--shutdown-timeout", "10"]);
     // Lists, with spaces after commas and a glob character that must stay literal.
     assert_eq!(
@@ -856,11 +1096,25 @@ fn the_correlators_are_reached_per_pod_and_ready_on_grpc() {
     let deployment = selected_workload(objects, service);
     let correlator = container(deployment, "containers", "correlator");
     assert_eq!(correlator["args"], json!(["correlate"]));
-    let agent = container(find(objects, "DaemonSet", "hoptrace-agent"), "containers", "agent");
-    assert_eq!(correlator["image"], agent["image"], "one image for agent and correlator");
+    let agent = container(
+        find(objects, "DaemonSet", "hoptrace-agent"),
+        "containers",
+        "agent",
+    );
+    assert_eq!(
+        correlator["image"], agent["image"],
+        "one image for agent and correlator"
+    );
     let readiness = &correlator["readinessProbe"]["tcpSocket"]["port"];
-    assert_eq!(target_container_port(deployment, readiness), Some(4317), "readiness on the gRPC port");
-    assert_eq!(pod_spec(deployment)["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        target_container_port(deployment, readiness),
+        Some(4317),
+        "readiness on the gRPC port"
+    );
+    assert_eq!(
+        pod_spec(deployment)["securityContext"]["runAsNonRoot"],
+        true
+    );
 }
 
 #[test]
@@ -868,7 +1122,9 @@ fn the_collector_routes_agent_spans_by_trace_id_and_correlated_spans_to_tempo() 
     let objects = base();
     let deployment = find(objects, "Deployment", "hoptrace-collector");
     let collector = container(deployment, "containers", "otel-collector");
-    assert!(str_of(&collector["image"], "image").starts_with("otel/opentelemetry-collector-contrib:"));
+    assert!(
+        str_of(&collector["image"], "image").starts_with("otel/opentelemetry-collector-contrib:")
+    );
 
     // The configuration the Deployment actually reads.
     let config_arg = array_of(&collector["args"], "args")
@@ -884,17 +1140,33 @@ fn the_collector_routes_agent_spans_by_trace_id_and_correlated_spans_to_tempo() 
         .iter()
         .find(|v| v["name"] == mount["name"])
         .expect("config volume");
-    let data = config_map_data(objects, str_of(&volume["configMap"]["name"], "configMap name"));
-    let config = &yaml_str(str_of(&data[config_key], "collector config"), "collector config")[0];
+    let data = config_map_data(
+        objects,
+        str_of(&volume["configMap"]["name"], "configMap name"),
+    );
+    let config = &yaml_str(
+        str_of(&data[config_key], "collector config"),
+        "collector config",
+    )[0];
 
     // Every component a pipeline names is defined, and every defined one is used.
-    let pipelines = config["service"]["pipelines"].as_object().expect("service.pipelines");
+    let pipelines = config["service"]["pipelines"]
+        .as_object()
+        .expect("service.pipelines");
     for section in ["receivers", "processors", "exporters"] {
-        let defined: BTreeSet<&str> =
-            config[section].as_object().map(|m| m.keys().map(String::as_str).collect()).unwrap_or_default();
+        let defined: BTreeSet<&str> = config[section]
+            .as_object()
+            .map(|m| m.keys().map(String::as_str).collect())
+            .unwrap_or_default();
         let used: BTreeSet<&str> = pipelines
             .values()
-            .flat_map(|p| p[section].as_array().into_iter().flatten().map(|c| str_of(c, section)))
+            .flat_map(|p| {
+                p[section]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|c| str_of(c, section))
+            })
             .collect();
         assert_eq!(used, defined, "{section}: used in pipelines vs defined");
     }
@@ -909,9 +1181,14 @@ fn the_collector_routes_agent_spans_by_trace_id_and_correlated_spans_to_tempo() 
     // the collector's Service forwards to.
     let service = service_ports(objects, "hoptrace-collector");
     let receiver_port = |name: &str, protocol: &str| -> u64 {
-        let endpoint =
-            str_of(&config["receivers"][name]["protocols"][protocol]["endpoint"], "receiver endpoint");
-        assert!(endpoint.starts_with("0.0.0.0:"), "{name} {protocol} listens on {endpoint}");
+        let endpoint = str_of(
+            &config["receivers"][name]["protocols"][protocol]["endpoint"],
+            "receiver endpoint",
+        );
+        assert!(
+            endpoint.starts_with("0.0.0.0:"),
+            "{name} {protocol} listens on {endpoint}"
+        );
         port_of(endpoint)
     };
     let pipeline_with = |receiver_port_wanted: u64| -> (&String, &Value) {
@@ -927,27 +1204,39 @@ fn the_collector_routes_agent_spans_by_trace_id_and_correlated_spans_to_tempo() 
 
     // Agents -> collector: the agents' endpoint is this Service and a gRPC receiver port.
     let agent_config = config_map_data(objects, "hoptrace-agent");
-    let (host, agent_port) =
-        host_port(str_of(&agent_config["OTEL_EXPORTER_OTLP_ENDPOINT"], "agent endpoint"));
+    let (host, agent_port) = host_port(str_of(
+        &agent_config["OTEL_EXPORTER_OTLP_ENDPOINT"],
+        "agent endpoint",
+    ));
     assert_eq!(host, "hoptrace-collector");
-    assert_eq!(str_of(&agent_config["OTEL_EXPORTER_OTLP_PROTOCOL"], "protocol"), "grpc");
+    assert_eq!(
+        str_of(&agent_config["OTEL_EXPORTER_OTLP_PROTOCOL"], "protocol"),
+        "grpc"
+    );
     let (agents_name, agents) = pipeline_with(service[&agent_port]);
     for receiver in array_of(&agents["receivers"], "receivers") {
         let receiver = str_of(receiver, "receiver");
         assert!(
-            service.values().any(|p| *p == receiver_port(receiver, "http")),
+            service
+                .values()
+                .any(|p| *p == receiver_port(receiver, "http")),
             "{receiver}: http port not in the Service"
         );
     }
 
     // ... -> loadbalancing by trace ID over the correlator Service's gRPC port.
-    assert_eq!(agents["exporters"], json!(["loadbalancing"]), "{agents_name}");
+    assert_eq!(
+        agents["exporters"],
+        json!(["loadbalancing"]),
+        "{agents_name}"
+    );
     let lb = &config["exporters"]["loadbalancing"];
     assert_eq!(lb["routing_key"], "traceID");
     assert!(lb["protocol"]["otlp"].is_object() && lb["protocol"]["otlp"]["endpoint"].is_null());
     let resolver_service = str_of(&lb["resolver"]["k8s"]["service"], "resolver.k8s.service");
-    let (svc_name, svc_namespace) =
-        resolver_service.split_once('.').map_or((resolver_service, None), |(n, ns)| (n, Some(ns)));
+    let (svc_name, svc_namespace) = resolver_service
+        .split_once('.')
+        .map_or((resolver_service, None), |(n, ns)| (n, Some(ns)));
     let correlator_service = find(objects, "Service", svc_name);
     if let Some(namespace) = svc_namespace {
         assert_eq!(correlator_service["metadata"]["namespace"], namespace);
@@ -959,14 +1248,21 @@ fn the_collector_routes_agent_spans_by_trace_id_and_correlated_spans_to_tempo() 
         .collect();
     assert_eq!(lb_ports, [4317]);
     assert!(
-        lb_ports.iter().all(|p| correlator_ports.values().any(|c| c == p)),
+        lb_ports
+            .iter()
+            .all(|p| correlator_ports.values().any(|c| c == p)),
         "loadbalancing ports {lb_ports:?} vs correlator {correlator_ports:?}"
     );
 
     // Correlators -> the collector's other pipeline -> Tempo.
-    let correlator = container(selected_workload(objects, correlator_service), "containers", "correlator");
-    let (host, correlated_port) =
-        host_port(env_value(correlator, "OTEL_EXPORTER_OTLP_ENDPOINT").expect("correlator endpoint"));
+    let correlator = container(
+        selected_workload(objects, correlator_service),
+        "containers",
+        "correlator",
+    );
+    let (host, correlated_port) = host_port(
+        env_value(correlator, "OTEL_EXPORTER_OTLP_ENDPOINT").expect("correlator endpoint"),
+    );
     assert_eq!(host, "hoptrace-collector");
     let (correlated_name, correlated) = pipeline_with(service[&correlated_port]);
     assert_ne!(correlated_name, agents_name);
@@ -977,16 +1273,26 @@ fn the_collector_routes_agent_spans_by_trace_id_and_correlated_spans_to_tempo() 
         tempo_exporter == "otlp" || tempo_exporter.starts_with("otlp/"),
         "{tempo_exporter} is not an otlp exporter"
     );
-    let endpoint = str_of(&config["exporters"][tempo_exporter]["endpoint"], "tempo endpoint");
-    let endpoint = match endpoint.strip_prefix("${env:").and_then(|e| e.strip_suffix('}')) {
-        Some(var) => env_value(collector, var).unwrap_or_else(|| panic!("{var} not set on the collector")),
+    let endpoint = str_of(
+        &config["exporters"][tempo_exporter]["endpoint"],
+        "tempo endpoint",
+    );
+    let endpoint = match endpoint
+        .strip_prefix("${env:")
+        .and_then(|e| e.strip_suffix('}'))
+    {
+        Some(var) => {
+            env_value(collector, var).unwrap_or_else(|| panic!("{var} not set on the collector"))
+        }
         None => endpoint,
     };
     assert_eq!(endpoint, "tempo:4317");
 
     // Health: the probes ask the health_check extension.
-    let health_port =
-        port_of(str_of(&config["extensions"]["health_check"]["endpoint"], "health_check endpoint"));
+    let health_port = port_of(str_of(
+        &config["extensions"]["health_check"]["endpoint"],
+        "health_check endpoint",
+    ));
     for probe in ["readinessProbe", "livenessProbe"] {
         assert_eq!(
             target_container_port(deployment, &collector[probe]["httpGet"]["port"]),
@@ -1019,12 +1325,21 @@ fn references_resolve_in_every_rendering() {
         for workload in workloads(objects) {
             let what = format!("{name}: {}", id(workload));
             let labels = &workload["spec"]["template"]["metadata"]["labels"];
-            for (key, value) in workload["spec"]["selector"]["matchLabels"].as_object().expect("matchLabels")
+            for (key, value) in workload["spec"]["selector"]["matchLabels"]
+                .as_object()
+                .expect("matchLabels")
             {
-                assert_eq!(&labels[key], value, "{what}: selector {key} does not match the pod labels");
+                assert_eq!(
+                    &labels[key], value,
+                    "{what}: selector {key} does not match the pod labels"
+                );
             }
             let spec = pod_spec(workload);
-            find(objects, "ServiceAccount", str_of(&spec["serviceAccountName"], "serviceAccountName"));
+            find(
+                objects,
+                "ServiceAccount",
+                str_of(&spec["serviceAccountName"], "serviceAccountName"),
+            );
             let volumes: BTreeSet<&str> = spec["volumes"]
                 .as_array()
                 .into_iter()
@@ -1046,13 +1361,20 @@ fn references_resolve_in_every_rendering() {
                         );
                     }
                     for source in c["envFrom"].as_array().into_iter().flatten() {
-                        find(objects, "ConfigMap", str_of(&source["configMapRef"]["name"], "configMapRef"));
+                        find(
+                            objects,
+                            "ConfigMap",
+                            str_of(&source["configMapRef"]["name"], "configMapRef"),
+                        );
                     }
                 }
             }
         }
         for service in objects.iter().filter(|o| o["kind"] == "Service") {
-            service_ports(objects, str_of(&service["metadata"]["name"], "service name"));
+            service_ports(
+                objects,
+                str_of(&service["metadata"]["name"], "service name"),
+            );
         }
         for binding in objects.iter().filter(|o| o["kind"] == "RoleBinding") {
             find(
@@ -1061,8 +1383,17 @@ fn references_resolve_in_every_rendering() {
                 str_of(&binding["roleRef"]["name"], "roleRef"),
             );
             for subject in array_of(&binding["subjects"], "subjects") {
-                let account = find(objects, "ServiceAccount", str_of(&subject["name"], "subject"));
-                assert_eq!(subject["namespace"], account["metadata"]["namespace"], "{name}: {}", id(binding));
+                let account = find(
+                    objects,
+                    "ServiceAccount",
+                    str_of(&subject["name"], "subject"),
+                );
+                assert_eq!(
+                    subject["namespace"],
+                    account["metadata"]["namespace"],
+                    "{name}: {}",
+                    id(binding)
+                );
             }
         }
     }
@@ -1071,12 +1402,22 @@ fn references_resolve_in_every_rendering() {
 /// `overlay` equals the base except for the agent DaemonSet (and what `also` names); returns
 /// the overlay's DaemonSet.
 fn only_daemonset_differs(overlay: &[Value], also: &[&str]) -> Value {
-    let by_id = |docs: &[Value]| docs.iter().map(|d| (id(d), d.clone())).collect::<BTreeMap<_, _>>();
+    let by_id = |docs: &[Value]| {
+        docs.iter()
+            .map(|d| (id(d), d.clone()))
+            .collect::<BTreeMap<_, _>>()
+    };
     let (base_map, overlay_map) = (by_id(base()), by_id(overlay));
-    assert_eq!(base_map.keys().collect::<Vec<_>>(), overlay_map.keys().collect::<Vec<_>>());
+    assert_eq!(
+        base_map.keys().collect::<Vec<_>>(),
+        overlay_map.keys().collect::<Vec<_>>()
+    );
     for (key, object) in &base_map {
         let changed_on_purpose = key.starts_with("DaemonSet/") || also.iter().any(|a| key == a);
-        assert!(changed_on_purpose || object == &overlay_map[key], "{key} changed");
+        assert!(
+            changed_on_purpose || object == &overlay_map[key],
+            "{key} changed"
+        );
     }
     find(overlay, "DaemonSet", "hoptrace-agent").clone()
 }
@@ -1088,7 +1429,10 @@ fn the_privileged_overlay_makes_both_agent_containers_privileged_and_nothing_els
         let sc = &container(&ds, list, name)["securityContext"];
         assert_eq!(sc["privileged"], true, "{name}");
         // The API server rejects privileged: true with allowPrivilegeEscalation: false.
-        assert!(sc["allowPrivilegeEscalation"].is_null() || sc["allowPrivilegeEscalation"] == true, "{name}");
+        assert!(
+            sc["allowPrivilegeEscalation"].is_null() || sc["allowPrivilegeEscalation"] == true,
+            "{name}"
+        );
         assert_eq!(sc["readOnlyRootFilesystem"], true, "{name}");
     }
     // Apart from the security contexts, the base's DaemonSet.
@@ -1106,22 +1450,43 @@ fn tracing_off_schedules_no_agent_and_tracing_on_undoes_it() {
     let on_objects = overlay("tracing-on");
     let on = only_daemonset_differs(&on_objects, &["ConfigMap/hoptrace/hoptrace-agent"]);
     let base_ds = find(base(), "DaemonSet", "hoptrace-agent");
-    let base_selector = pod_spec(base_ds)["nodeSelector"].as_object().expect("base nodeSelector").clone();
-    assert_eq!(base_selector, json!({"kubernetes.io/os": "linux"}).as_object().unwrap().clone());
+    let base_selector = pod_spec(base_ds)["nodeSelector"]
+        .as_object()
+        .expect("base nodeSelector")
+        .clone();
+    assert_eq!(
+        base_selector,
+        json!({"kubernetes.io/os": "linux"})
+            .as_object()
+            .unwrap()
+            .clone()
+    );
 
     // Off: one label added to the node selector, which no node carries (not a well-known
     // kubernetes.io label that nodes get automatically); nothing else changes.
-    let selector = pod_spec(&off)["nodeSelector"].as_object().expect("nodeSelector");
-    let added: Vec<_> = selector.iter().filter(|(k, _)| !base_selector.contains_key(*k)).collect();
+    let selector = pod_spec(&off)["nodeSelector"]
+        .as_object()
+        .expect("nodeSelector");
+    let added: Vec<_> = selector
+        .iter()
+        .filter(|(k, _)| !base_selector.contains_key(*k))
+        .collect();
     assert_eq!(added.len(), 1, "{selector:?}");
-    assert!(!added[0].0.contains("kubernetes.io"), "{:?} might match real nodes", added[0]);
+    assert!(
+        !added[0].0.contains("kubernetes.io"),
+        "{:?} might match real nodes",
+        added[0]
+    );
     let mut restored = off.clone();
     restored["spec"]["template"]["spec"]["nodeSelector"] = Value::Object(base_selector.clone());
     assert_eq!(&restored, base_ds);
 
     // On: the base's scheduling, and exporting.
     assert_eq!(&on, base_ds);
-    assert_eq!(config_map_data(&on_objects, "hoptrace-agent")["OTEL_SDK_DISABLED"], "false");
+    assert_eq!(
+        config_map_data(&on_objects, "hoptrace-agent")["OTEL_SDK_DISABLED"],
+        "false"
+    );
 }
 
 #[test]
@@ -1138,7 +1503,10 @@ fn the_netns_tc_component_adds_cap_sys_admin_to_both_agent_containers_only() {
         expected.insert("SYS_ADMIN");
         assert_eq!(added, expected, "{name}");
         assert_eq!(c["securityContext"]["privileged"], false, "{name}");
-        assert_eq!(c["image"], "registry.lab.example/hoptrace:0.1.1", "{name}: the images transformer");
+        assert_eq!(
+            c["image"], "registry.lab.example/hoptrace:0.1.1",
+            "{name}: the images transformer"
+        );
     }
     for workload in workloads(objects).filter(|w| w["kind"] != "DaemonSet") {
         for c in array_of(&pod_spec(workload)["containers"], "containers") {
@@ -1150,6 +1518,13 @@ fn the_netns_tc_component_adds_cap_sys_admin_to_both_agent_containers_only() {
         }
     }
     // The namespace override moved everything, the binding's subject included.
-    assert!(objects.iter().all(|o| o["kind"] == "Namespace" || o["metadata"]["namespace"] == "lab-tracing"));
-    assert_eq!(find(objects, "RoleBinding", "hoptrace-collector")["subjects"][0]["namespace"], "lab-tracing");
+    assert!(
+        objects
+            .iter()
+            .all(|o| o["kind"] == "Namespace" || o["metadata"]["namespace"] == "lab-tracing")
+    );
+    assert_eq!(
+        find(objects, "RoleBinding", "hoptrace-collector")["subjects"][0]["namespace"],
+        "lab-tracing"
+    );
 }

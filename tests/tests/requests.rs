@@ -28,14 +28,26 @@ fn setup(extra_env: &[(&str, &str)]) -> Setup {
     let lab = Lab::start(LabConfig::default()).expect("lab");
     let receiver = OtlpReceiver::start().expect("receiver");
     let endpoint = receiver.grpc_endpoint();
-    let mut env = vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")];
+    let mut env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+    ];
     env.extend_from_slice(extra_env);
     let agent = Agent::start(
-        &["--netns", lab.netns(Host::Agent).name(), "--netns", lab.netns(Host::Persona).name()],
+        &[
+            "--netns",
+            lab.netns(Host::Agent).name(),
+            "--netns",
+            lab.netns(Host::Persona).name(),
+        ],
         &env,
     )
     .expect("agent");
-    Setup { lab, receiver, agent }
+    Setup {
+        lab,
+        receiver,
+        agent,
+    }
 }
 
 fn curl(lab: &Lab, args: &[&str]) {
@@ -46,37 +58,53 @@ fn curl(lab: &Lab, args: &[&str]) {
 
 /// Runs a Python client in the agent namespace that talks raw HTTP/1.1 to `port`.
 fn python_client(lab: &Lab, script: &str) {
-    let out = lab.run(Host::Agent, &["python3", "-c", script]).expect("python client");
+    let out = lab
+        .run(Host::Agent, &["python3", "-c", script])
+        .expect("python client");
     assert!(out.status.success());
 }
 
 fn http_spans<'a>(spans: &'a [ReceivedSpan], hop: &str) -> Vec<&'a ReceivedSpan> {
     let mut found: Vec<_> = spans
         .iter()
-        .filter(|s| s.attr_str("hoptrace.hop") == Some(hop) && s.attr_str("http.request.method").is_some())
+        .filter(|s| {
+            s.attr_str("hoptrace.hop") == Some(hop) && s.attr_str("http.request.method").is_some()
+        })
         .collect();
     found.sort_by_key(|s| s.start_time_unix_nano);
     found
 }
 
-fn wait_http(receiver: &OtlpReceiver, agent_spans: usize, persona_spans: usize) -> Vec<ReceivedSpan> {
+fn wait_http(
+    receiver: &OtlpReceiver,
+    agent_spans: usize,
+    persona_spans: usize,
+) -> Vec<ReceivedSpan> {
     receiver
         .try_wait_for_spans(
             |spans| {
                 let owned: Vec<ReceivedSpan> = spans.to_vec();
-                http_spans(&owned, "agent").len() >= agent_spans && http_spans(&owned, "persona").len() >= persona_spans
+                http_spans(&owned, "agent").len() >= agent_spans
+                    && http_spans(&owned, "persona").len() >= persona_spans
             },
             Duration::from_secs(15),
         )
-        .unwrap_or_else(|e| panic!("waiting for {agent_spans} agent and {persona_spans} persona request spans: {e:#}"))
+        .unwrap_or_else(|e| {
+            panic!(
+                "waiting for {agent_spans} agent and {persona_spans} persona request spans: {e:#}"
+            )
+        })
 }
-
 
 #[test]
 fn a_traceparent_yields_agent_and_persona_spans_under_its_parent_with_the_delays_between_them() {
     let s = setup(&[("HOPTRACE_LAYER_SPANS", "true")]);
-    s.lab.set_delay(Direction::Forward, Duration::from_millis(20)).unwrap();
-    s.lab.set_delay(Direction::Return, Duration::from_millis(10)).unwrap();
+    s.lab
+        .set_delay(Direction::Forward, Duration::from_millis(20))
+        .unwrap();
+    s.lab
+        .set_delay(Direction::Return, Duration::from_millis(10))
+        .unwrap();
     // Two requests on one keep-alive connection: the first includes the connect.
     let url = s.lab.nginx_url("/");
     curl(&s.lab, &["-H", &traceparent(TRACE_ID, "01"), &url, &url]);
@@ -94,38 +122,77 @@ fn a_traceparent_yields_agent_and_persona_spans_under_its_parent_with_the_delays
     assert_eq!(agent[0].kind, span_kind::CLIENT);
     assert_eq!(persona[0].kind, span_kind::SERVER);
     assert_eq!(agent[0].attr_str("process.executable.name"), Some("curl"));
-    assert_eq!(persona[0].attr_str("process.executable.name"), Some("nginx"));
+    assert_eq!(
+        persona[0].attr_str("process.executable.name"),
+        Some("nginx")
+    );
     // The agent span minus the persona span is the time in the network and the fw: here the
     // injected delays (both directions), for the keep-alive request.
     let outside = agent[1].duration().saturating_sub(persona[1].duration());
-    assert_close(outside, Duration::from_millis(30), "keep-alive request: agent - persona");
+    assert_close(
+        outside,
+        Duration::from_millis(30),
+        "keep-alive request: agent - persona",
+    );
     // The first request also waited for the handshake: one more round trip.
     let outside_first = agent[0].duration().saturating_sub(persona[0].duration());
-    assert_close(outside_first, Duration::from_millis(60), "first request incl. connect: agent - persona");
-    assert_eq!(agent[0].attr_bool("hoptrace.connection.first_request"), Some(true));
-    assert_eq!(agent[1].attr_bool("hoptrace.connection.first_request"), Some(false));
+    assert_close(
+        outside_first,
+        Duration::from_millis(60),
+        "first request incl. connect: agent - persona",
+    );
+    assert_eq!(
+        agent[0].attr_bool("hoptrace.connection.first_request"),
+        Some(true)
+    );
+    assert_eq!(
+        agent[1].attr_bool("hoptrace.connection.first_request"),
+        Some(false)
+    );
     // The connect is the first request's child; the persona's parts are the persona span's.
-    let connect = spans.iter().find(|x| x.name == "tcp.connect").expect("connect span");
-    assert_eq!((connect.trace_id.as_str(), connect.parent_span_id.as_str()), (TRACE_ID, agent[0].span_id.as_str()));
+    let connect = spans
+        .iter()
+        .find(|x| x.name == "tcp.connect")
+        .expect("connect span");
+    assert_eq!(
+        (connect.trace_id.as_str(), connect.parent_span_id.as_str()),
+        (TRACE_ID, agent[0].span_id.as_str())
+    );
     assert_close(connect.duration(), Duration::from_millis(30), "connect");
     for part in ["kernel receive", "application", "kernel send"] {
         let child = spans
             .iter()
             .find(|x| x.name == part && x.parent_span_id == persona[1].span_id)
             .unwrap_or_else(|| panic!("no {part} under the persona span: {spans:#?}"));
-        assert!(child.start_time() >= persona[1].start_time() && child.end_time() <= persona[1].end_time());
+        assert!(
+            child.start_time() >= persona[1].start_time()
+                && child.end_time() <= persona[1].end_time()
+        );
     }
     // The persona span starts when the request reached the persona host's NIC; the agent span
     // says when it left the agent host's NIC: between the two lies the forward delay (one
     // clock, one machine). Likewise the response's way back is the return delay.
-    assert_eq!(persona[1].attr_str("hoptrace.layers"), Some("syscall,tcp,nic"));
+    assert_eq!(
+        persona[1].attr_str("hoptrace.layers"),
+        Some("syscall,tcp,nic")
+    );
     let event = |span: &ReceivedSpan, name: &str| {
-        span.event(name).unwrap_or_else(|| panic!("no event {name} in {span:#?}")).time_unix_nano
+        span.event(name)
+            .unwrap_or_else(|| panic!("no event {name} in {span:#?}"))
+            .time_unix_nano
     };
     let forward = persona[1].start_time_unix_nano - event(agent[1], "request.nic_egress");
-    assert_close(Duration::from_nanos(forward), Duration::from_millis(20), "forward, NIC to NIC");
+    assert_close(
+        Duration::from_nanos(forward),
+        Duration::from_millis(20),
+        "forward, NIC to NIC",
+    );
     let back = event(agent[1], "response.nic_ingress") - event(persona[1], "response.nic_egress");
-    assert_close(Duration::from_nanos(back), Duration::from_millis(10), "return, NIC to NIC");
+    assert_close(
+        Duration::from_nanos(back),
+        Duration::from_millis(10),
+        "return, NIC to NIC",
+    );
 }
 
 #[test]
@@ -163,7 +230,11 @@ s.close()
     // The split request: nginx answers 404 for /split.
     assert_eq!(agent[3].attr_str("url.path"), Some("/split"));
     assert_eq!(agent[3].attr_i64("http.response.status_code"), Some(404));
-    assert_eq!(agent[0].attr_str("url.path"), Some("/"), "the query is stripped");
+    assert_eq!(
+        agent[0].attr_str("url.path"),
+        Some("/"),
+        "the query is stripped"
+    );
 }
 
 #[test]
@@ -171,7 +242,14 @@ fn sampling_and_untraced_requests_follow_the_configuration() {
     let s = setup(&[("HOPTRACE_UNTRACED", "ignore")]);
     let url = s.lab.nginx_url("/");
     // Not sampled by the caller: no span (parent-based sampling).
-    curl(&s.lab, &["-H", &traceparent("11111111111111111111111111111111", "00"), &url]);
+    curl(
+        &s.lab,
+        &[
+            "-H",
+            &traceparent("11111111111111111111111111111111", "00"),
+            &url,
+        ],
+    );
     // No traceparent, policy ignore: no span.
     curl(&s.lab, &[&url]);
     // Sampled: spans.
@@ -180,11 +258,17 @@ fn sampling_and_untraced_requests_follow_the_configuration() {
     let mut agent = s.agent;
     agent.stop().unwrap();
     let all = s.receiver.spans();
-    let http: Vec<_> = all.iter().filter(|x| x.attr_str("http.request.method").is_some()).collect();
+    let http: Vec<_> = all
+        .iter()
+        .filter(|x| x.attr_str("http.request.method").is_some())
+        .collect();
     assert_eq!(http.len(), 2, "only the sampled request: {http:#?}");
     assert!(http.iter().all(|x| x.trace_id == TRACE_ID));
     let log = agent.stderr();
-    assert!(log.contains("not sampled 2") && log.contains("untraced ignored 2"), "{log}");
+    assert!(
+        log.contains("not sampled 2") && log.contains("untraced ignored 2"),
+        "{log}"
+    );
     drop(spans);
 }
 
@@ -197,7 +281,25 @@ fn bad_input_is_counted_and_never_exported_as_valid() {
     curl(&s.lab, &["-H", &traceparent(upper, "01"), &url]);
     // A 64 KiB header before the traceparent: beyond what the kernel copies.
     let big = format!("X-Big: {}", "a".repeat(64 * 1024));
-    let _ = s.lab.exec(Host::Agent, &["curl", "-sS", "-o", "/dev/null", "--max-time", "5", "-H", &big, "-H", &traceparent(TRACE_ID, "01"), &url]).output();
+    let _ = s
+        .lab
+        .exec(
+            Host::Agent,
+            &[
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "5",
+                "-H",
+                &big,
+                "-H",
+                &traceparent(TRACE_ID, "01"),
+                &url,
+            ],
+        )
+        .output();
     // Binary garbage on the HTTP port, and a request cut short by a reset.
     python_client(
         &s.lab,
@@ -214,19 +316,36 @@ s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)); s.cl
     let mut agent = s.agent;
     assert!(agent.stop().unwrap().success(), "{}", agent.stderr());
     let all = s.receiver.spans();
-    assert!(all.iter().all(|x| x.trace_id != upper.to_lowercase()), "uppercase id exported");
-    assert!(all.iter().all(|x| x.trace_id != TRACE_ID), "traceparent beyond the capture was invented");
-    assert!(all.iter().all(|x| x.attr_str("url.path") != Some("/half")), "half-sent request got a span");
+    assert!(
+        all.iter().all(|x| x.trace_id != upper.to_lowercase()),
+        "uppercase id exported"
+    );
+    assert!(
+        all.iter().all(|x| x.trace_id != TRACE_ID),
+        "traceparent beyond the capture was invented"
+    );
+    assert!(
+        all.iter().all(|x| x.attr_str("url.path") != Some("/half")),
+        "half-sent request got a span"
+    );
     let upper_span = all
         .iter()
-        .find(|x| x.attr_str("hoptrace.trace_origin") == Some("hoptrace (invalid traceparent ignored)"))
+        .find(|x| {
+            x.attr_str("hoptrace.trace_origin") == Some("hoptrace (invalid traceparent ignored)")
+        })
         .expect("the uppercase request's span says its context was ignored");
     assert_eq!(upper_span.attr_str("url.path"), Some("/"));
     let log = agent.stderr();
     // Counted once on each side (agent and persona sockets).
     assert!(log.contains("\"uppercase_hex\": 2"), "{log}");
-    assert!(log.contains("truncated heads 1") || log.contains("truncated heads 2"), "{log}");
-    assert!(!log.contains("non-HTTP records 0"), "garbage counted: {log}");
+    assert!(
+        log.contains("truncated heads 1") || log.contains("truncated heads 2"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("non-HTTP records 0"),
+        "garbage counted: {log}"
+    );
     assert!(!log.contains("panicked"), "{log}");
 }
 
@@ -264,8 +383,16 @@ asyncio.run(main())
         ids.dedup();
         ids.len()
     };
-    assert_eq!((agent.len(), ids(&agent)), (CONNECTIONS, CONNECTIONS), "one agent span per connection");
-    assert_eq!((persona.len(), ids(&persona)), (CONNECTIONS, CONNECTIONS), "one persona span per connection");
+    assert_eq!(
+        (agent.len(), ids(&agent)),
+        (CONNECTIONS, CONNECTIONS),
+        "one agent span per connection"
+    );
+    assert_eq!(
+        (persona.len(), ids(&persona)),
+        (CONNECTIONS, CONNECTIONS),
+        "one persona span per connection"
+    );
     let mut agent_process = s.agent;
     agent_process.stop().unwrap();
     let log = agent_process.stderr();

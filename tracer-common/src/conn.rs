@@ -159,7 +159,7 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
-    use super::{tcp_state::*, ConnTransition::*, *};
+    use super::{ConnTransition::*, tcp_state::*, *};
 
     #[test]
     fn classifies_the_transitions_that_matter() {

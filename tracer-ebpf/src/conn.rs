@@ -6,7 +6,9 @@
 //! offsets resolved from the running kernel's BTF by user space.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
     macros::tracepoint,
     programs::TracePointContext,
 };
@@ -76,8 +78,15 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), ()> {
 
     let owner = match transition {
         ConnTransition::Listen => {
-            let info = ListenerInfo { tgid: current_tgid(), comm: current_comm() };
-            let key = ListenerKey { netns_ino, port: sport, _pad: 0 };
+            let info = ListenerInfo {
+                tgid: current_tgid(),
+                comm: current_comm(),
+            };
+            let key = ListenerKey {
+                netns_ino,
+                port: sport,
+                _pad: 0,
+            };
             let _ = LISTENERS.insert(&key, &info, 0);
             return Ok(());
         }
@@ -86,23 +95,39 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), ()> {
             if !scope::pid_in_scope(tgid) {
                 return Ok(());
             }
-            let context = SockContext { phase_start_ns: now, tgid, _pad: 0, comm: current_comm() };
+            let context = SockContext {
+                phase_start_ns: now,
+                tgid,
+                _pad: 0,
+                comm: current_comm(),
+            };
             let _ = SOCKS.insert(&sk, &context, 0);
             return Ok(());
         }
         ConnTransition::AcceptDone => {
             // Softirq context: the owner is whoever listens on the local port.
-            let key = ListenerKey { netns_ino, port: sport, _pad: 0 };
+            let key = ListenerKey {
+                netns_ino,
+                port: sport,
+                _pad: 0,
+            };
             let listener = unsafe { LISTENERS.get(&key) }.copied().unwrap_or_default();
             if !scope::pid_in_scope(listener.tgid) {
                 return Ok(());
             }
-            let context =
-                SockContext { phase_start_ns: now, tgid: listener.tgid, _pad: 0, comm: listener.comm };
+            let context = SockContext {
+                phase_start_ns: now,
+                tgid: listener.tgid,
+                _pad: 0,
+                comm: listener.comm,
+            };
             let _ = SOCKS.insert(&sk, &context, 0);
             // The event carries no phase start: user space derives the SYN's arrival from the
             // SYN-ACK round trip (srtt), which the kernel measured itself.
-            SockContext { phase_start_ns: 0, ..context }
+            SockContext {
+                phase_start_ns: 0,
+                ..context
+            }
         }
         ConnTransition::ConnectDone => {
             let Some(context) = (unsafe { SOCKS.get(&sk) }).copied() else {
@@ -113,7 +138,14 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), ()> {
                 return Ok(());
             }
             // The next phase (the established connection) starts now.
-            let _ = SOCKS.insert(&sk, &SockContext { phase_start_ns: now, ..context }, 0);
+            let _ = SOCKS.insert(
+                &sk,
+                &SockContext {
+                    phase_start_ns: now,
+                    ..context
+                },
+                0,
+            );
             context
         }
         ConnTransition::ConnectFailed | ConnTransition::AcceptFailed | ConnTransition::Aborted => {
@@ -128,7 +160,18 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), ()> {
             }
         }
     };
-    emit(ctx, sk, netns_ino, oldstate as u8, newstate as u8, sport, dport, now, &off, &owner)
+    emit(
+        ctx,
+        sk,
+        netns_ino,
+        oldstate as u8,
+        newstate as u8,
+        sport,
+        dport,
+        now,
+        &off,
+        &owner,
+    )
 }
 
 #[expect(clippy::too_many_arguments, reason = "a probe's locals, passed once")]
@@ -166,7 +209,12 @@ fn emit(
     let srtt: u32 =
         unsafe { bpf_probe_read_kernel((sk + off.tcp_srtt_us as u64) as *const u32) }.unwrap_or(0);
     entry.write(ConnEvent {
-        header: EventHeader { kind: kind::CONN, _pad: [0; 3], tgid: owner.tgid, ts_ns: now },
+        header: EventHeader {
+            kind: kind::CONN,
+            _pad: [0; 3],
+            tgid: owner.tgid,
+            ts_ns: now,
+        },
         skaddr: sk,
         phase_start_ns: owner.phase_start_ns,
         netns_ino,

@@ -15,7 +15,8 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_probe_read_user as read_user_raw,
+        bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::bpf_probe_read_user as read_user_raw,
     },
     macros::{map, tracepoint},
     maps::{LruHashMap, PerCpuArray},
@@ -98,7 +99,9 @@ fn enter(ctx: &TracePointContext, direction: u8, kind: u8) {
     if !scope::pid_in_scope((pid_tgid >> 32) as u32) || !current_netns_in_scope() {
         return;
     }
-    let Ok(buffer) = (unsafe { ctx.read_at::<u64>(ARG_BUFFER) }) else { return };
+    let Ok(buffer) = (unsafe { ctx.read_at::<u64>(ARG_BUFFER) }) else {
+        return;
+    };
     let iov_count = unsafe { ctx.read_at::<u64>(ARG_COUNT) }.unwrap_or(0) as u32;
     let context = SyscallContext {
         enter_ns: unsafe { bpf_ktime_get_ns() },
@@ -125,8 +128,12 @@ fn current_netns_in_scope() -> bool {
     let off = scope::offsets();
     let task = unsafe { bpf_get_current_task() };
     let read = |addr: u64| unsafe { bpf_probe_read_kernel(addr as *const u64) }.ok();
-    let Some(nsproxy) = read(task + off.task_nsproxy as u64) else { return false };
-    let Some(net) = read(nsproxy + off.nsproxy_net_ns as u64) else { return false };
+    let Some(nsproxy) = read(task + off.task_nsproxy as u64) else {
+        return false;
+    };
+    let Some(net) = read(nsproxy + off.nsproxy_net_ns as u64) else {
+        return false;
+    };
     match unsafe { bpf_probe_read_kernel((net + off.net_inum as u64) as *const u32) } {
         Ok(inum) => scope::netns_in_scope(inum),
         Err(_) => false,
@@ -148,7 +155,9 @@ pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn on_socket(ctx: &TracePointContext, direction: u8) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(context) = SYSCALLS.get_ptr_mut(&pid_tgid) else { return };
+    let Some(context) = SYSCALLS.get_ptr_mut(&pid_tgid) else {
+        return;
+    };
     let protocol: u16 = unsafe { ctx.read_at(SOCK_PROTOCOL) }.unwrap_or(0);
     let ret: i32 = unsafe { ctx.read_at(SOCK_RET) }.unwrap_or(0);
     let sk: u64 = unsafe { ctx.read_at(SOCK_SK) }.unwrap_or(0);
@@ -174,7 +183,11 @@ fn on_socket(ctx: &TracePointContext, direction: u8) {
     }
     if first_call {
         // The tracepoint fires after TCP moved `ret` bytes: its cursor already passed them.
-        let cursor = if direction == DIRECTION_SEND { off.tcp_write_seq } else { off.tcp_copied_seq };
+        let cursor = if direction == DIRECTION_SEND {
+            off.tcp_write_seq
+        } else {
+            off.tcp_copied_seq
+        };
         if let Ok(after) = unsafe { bpf_probe_read_kernel((sk + cursor as u64) as *const u32) } {
             context.seq = after.wrapping_sub(ret as u32);
         }
@@ -187,7 +200,9 @@ pub fn tcp_probe(ctx: TracePointContext) -> u32 {
     if data_len == 0 {
         return 0;
     }
-    let Ok(sk) = (unsafe { ctx.read_at::<u64>(PROBE_SKADDR) }) else { return 0 };
+    let Ok(sk) = (unsafe { ctx.read_at::<u64>(PROBE_SKADDR) }) else {
+        return 0;
+    };
     let off = scope::offsets();
     if !scope::sock_netns(sk, &off).is_ok_and(scope::netns_in_scope) {
         return 0;
@@ -201,7 +216,9 @@ pub fn tcp_probe(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn exit(ctx: &TracePointContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(context) = (unsafe { SYSCALLS.get(&pid_tgid) }).copied() else { return };
+    let Some(context) = (unsafe { SYSCALLS.get(&pid_tgid) }).copied() else {
+        return;
+    };
     let _ = SYSCALLS.remove(&pid_tgid);
     let ret: i64 = unsafe { ctx.read_at(ARG_RET) }.unwrap_or(0);
     if context.skaddr == 0 || ret <= 0 {
@@ -312,8 +329,8 @@ fn first_buffer(context: &SyscallContext) -> (u64, u64) {
 
 #[inline(always)]
 fn ports(sk: u64, off: &KernelOffsets) -> (u16, u16) {
-    let local = unsafe { bpf_probe_read_kernel((sk + off.sock_num as u64) as *const u16) }
-        .unwrap_or(0);
+    let local =
+        unsafe { bpf_probe_read_kernel((sk + off.sock_num as u64) as *const u16) }.unwrap_or(0);
     let remote = unsafe { bpf_probe_read_kernel((sk + off.sock_dport as u64) as *const u16) }
         .map(u16::from_be)
         .unwrap_or(0);

@@ -90,9 +90,19 @@ fn segment(ctx: &TcContext, egress: bool) -> Option<NicKey> {
         return None;
     }
     if egress {
-        (key.local_addr, key.remote_addr, key.local_port, key.remote_port) = (src, dst, sport, dport);
+        (
+            key.local_addr,
+            key.remote_addr,
+            key.local_port,
+            key.remote_port,
+        ) = (src, dst, sport, dport);
     } else {
-        (key.local_addr, key.remote_addr, key.local_port, key.remote_port) = (dst, src, dport, sport);
+        (
+            key.local_addr,
+            key.remote_addr,
+            key.local_port,
+            key.remote_port,
+        ) = (dst, src, dport, sport);
     }
     key.seq = seq;
     Some(key)

@@ -52,6 +52,7 @@ pub fn ports_in_scope(local: u16, remote: u16) -> bool {
 /// Inode number of the network namespace of `sk` (a `struct sock *`).
 #[inline(always)]
 pub fn sock_netns(sk: u64, off: &KernelOffsets) -> Result<u32, ()> {
-    let net: u64 = unsafe { bpf_probe_read_kernel((sk + off.sock_net as u64) as *const u64) }.map_err(|_| ())?;
+    let net: u64 = unsafe { bpf_probe_read_kernel((sk + off.sock_net as u64) as *const u64) }
+        .map_err(|_| ())?;
     unsafe { bpf_probe_read_kernel((net + off.net_inum as u64) as *const u32) }.map_err(|_| ())
 }

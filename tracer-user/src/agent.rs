@@ -68,7 +68,11 @@ impl Pipeline<'_> {
 
 pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     ebpf::require_privilege()?;
-    let scope = Scope::resolve(&options.scope_netns, &options.scope_pids, &options.scope_ports)?;
+    let scope = Scope::resolve(
+        &options.scope_netns,
+        &options.scope_pids,
+        &options.scope_ports,
+    )?;
     let export_config = ExportConfig::from_env(&options.export).map_err(anyhow::Error::msg)?;
     let sampler = Sampler::from_env(
         std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref(),
@@ -76,7 +80,11 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     )
     .map_err(anyhow::Error::msg)?;
     let (mut object, attached) = ebpf::load_agent(&scope, options.ring_buffer_bytes)?;
-    let ring = RingBuf::try_from(object.take_map(maps::EVENTS).context("EVENTS map missing")?)?;
+    let ring = RingBuf::try_from(
+        object
+            .take_map(maps::EVENTS)
+            .context("EVENTS map missing")?,
+    )?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until the
     // AsyncFd is dropped at the end of this function.
     let mut ring = unsafe { AsyncFd::register(ring) }
@@ -108,7 +116,11 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     log::info!(
         "hoptrace agent ready: observing {}; layers: connections{}",
         scope.describe(),
-        if attached.requests { format!(", requests ({})", attached.layers()) } else { String::new() }
+        if attached.requests {
+            format!(", requests ({})", attached.layers())
+        } else {
+            String::new()
+        }
     );
 
     loop {
@@ -159,7 +171,12 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn drain(ring: &mut RingBuf<aya::maps::MapData>, pipeline: &mut Pipeline<'_>, clock: &Clock, counts: &mut Counts) {
+fn drain(
+    ring: &mut RingBuf<aya::maps::MapData>,
+    pipeline: &mut Pipeline<'_>,
+    clock: &Clock,
+    counts: &mut Counts,
+) {
     while let Some(record) = ring.next() {
         counts.records += 1;
         match decode::decode(&record) {
@@ -178,7 +195,9 @@ fn drain(ring: &mut RingBuf<aya::maps::MapData>, pipeline: &mut Pipeline<'_>, cl
 
 /// Reports new ring-buffer drops: the kernel never blocks on a full buffer, it counts.
 fn check_kernel_counters(object: &aya::Ebpf, counts: &mut Counts) {
-    let Ok(counters) = ebpf::read_counters(object) else { return };
+    let Ok(counters) = ebpf::read_counters(object) else {
+        return;
+    };
     let full = ebpf::counter(&counters, Counter::RingbufFull);
     if full > counts.ringbuf_full_reported {
         log::warn!(

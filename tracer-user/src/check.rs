@@ -54,7 +54,9 @@ pub fn run() -> anyhow::Result<bool> {
         outcome: if root {
             Ok("root".into())
         } else {
-            ebpf::require_privilege().map(|()| "capabilities".into()).map_err(|e| e.to_string())
+            ebpf::require_privilege()
+                .map(|()| "capabilities".into())
+                .map_err(|e| e.to_string())
         },
     });
     let offsets = kernel_offsets::resolve();
@@ -64,14 +66,23 @@ pub fn run() -> anyhow::Result<bool> {
         used_for: "struct offsets for socket netns, error and RTT",
         outcome: offsets
             .as_ref()
-            .map(|o| format!("{} (sock.skc_net at {}, tcp_sock.srtt_us at {})", kernel_offsets::VMLINUX_BTF, o.sock_net, o.tcp_srtt_us))
+            .map(|o| {
+                format!(
+                    "{} (sock.skc_net at {}, tcp_sock.srtt_us at {})",
+                    kernel_offsets::VMLINUX_BTF,
+                    o.sock_net,
+                    o.tcp_srtt_us
+                )
+            })
             .map_err(|e| e.to_string()),
     });
     findings.push(Finding {
         what: "tracefs",
         need: Need::Required,
         used_for: "tracepoint formats",
-        outcome: tracefs::mount_point().map(|p| p.display().to_string()).map_err(|e| e.to_string()),
+        outcome: tracefs::mount_point()
+            .map(|p| p.display().to_string())
+            .map_err(|e| e.to_string()),
     });
     findings.push(Finding {
         what: "bpffs",
@@ -84,18 +95,32 @@ pub fn run() -> anyhow::Result<bool> {
         },
     });
     for layer in [Layer::Connections, Layer::Requests, Layer::TcpArrival] {
-        let probes: Vec<_> = ebpf::agent_probes().into_iter().filter(|p| p.layer == layer).collect();
+        let probes: Vec<_> = ebpf::agent_probes()
+            .into_iter()
+            .filter(|p| p.layer == layer)
+            .collect();
         let outcome = probes
             .iter()
             .try_for_each(|p| tracefs::verify_layout(p.category, p.name, p.layout))
             .map(|()| {
-                let names: Vec<_> = probes.iter().map(|p| format!("{}:{}", p.category, p.name)).collect();
-                format!("{} tracepoints present, layouts match ({} ...)", names.len(), names[0])
+                let names: Vec<_> = probes
+                    .iter()
+                    .map(|p| format!("{}:{}", p.category, p.name))
+                    .collect();
+                format!(
+                    "{} tracepoints present, layouts match ({} ...)",
+                    names.len(),
+                    names[0]
+                )
             })
             .map_err(|e| e.to_string());
         findings.push(Finding {
             what: "tracepoints",
-            need: if layer == Layer::Connections { Need::Required } else { Need::Optional },
+            need: if layer == Layer::Connections {
+                Need::Required
+            } else {
+                Need::Optional
+            },
             used_for: layer.describe(),
             outcome,
         });
@@ -113,61 +138,109 @@ pub fn run() -> anyhow::Result<bool> {
         }),
     }
     report(&findings);
-    Ok(findings.iter().all(|f| f.need == Need::Optional || f.outcome.is_ok()))
+    Ok(findings
+        .iter()
+        .all(|f| f.need == Need::Optional || f.outcome.is_ok()))
 }
 
 fn probe_hooks(object: &mut Ebpf, findings: &mut Vec<Finding>) {
     let btf = Btf::from_sys_fs().ok();
-    let mut hook = |what, need, used_for, index: u32, attach: &dyn Fn(&mut Ebpf) -> anyhow::Result<()>| {
-        let outcome = attach(object).and_then(|()| {
-            let hits = hits(object, index)?;
-            anyhow::ensure!(hits > 0, "attached but never fired");
-            Ok(format!("attached and fired ({hits} hits)"))
-        });
-        findings.push(Finding { what, need, used_for, outcome: outcome.map_err(|e| format!("{e:#}")) });
-    };
-    hook("tracepoint", Need::Required, "connection lifecycle (sock:inet_sock_set_state)", 0, &|o| {
-        let p: &mut TracePoint = program(o, "check_tracepoint")?;
-        p.load()?;
-        let link = p.attach("syscalls", "sys_enter_getppid")?;
-        unsafe { libc::getppid() };
-        p.detach(link)?;
-        Ok(())
-    });
-    hook("tp_btf", Need::Optional, "typed hooks (not used yet)", 1, &|o| {
-        let btf = btf.as_ref().context("no kernel BTF")?;
-        let p: &mut BtfTracePoint = program(o, "check_tp_btf")?;
-        p.load("sys_enter", btf)?;
-        let link = p.attach()?;
-        unsafe { libc::getppid() };
-        p.detach(link)?;
-        Ok(())
-    });
-    hook("uprobe", Need::Optional, "TLS plaintext (OpenSSL, Go crypto/tls)", 2, &|o| {
-        let p: &mut UProbe = program(o, "check_uprobe")?;
-        p.load()?;
-        let exe = std::env::current_exe()?;
-        let link = p.attach(["hoptrace_check_uprobe_target"], &exe, UProbeScope::CallingProcess)?;
-        hoptrace_check_uprobe_target(1);
-        p.detach(link)?;
-        Ok(())
-    });
-    hook("tc (tcx/clsact)", Need::Optional, "NIC layer: segment times by TCP sequence", 3, &|o| check_tc(o));
-    hook("kprobe", Need::Optional, "faster socket hooks (optional accelerator)", 4, &|o| {
-        let p: &mut KProbe = program(o, "check_kprobe")?;
-        p.load()?;
-        let link = p.attach("tcp_connect", 0)?;
-        p.detach(link)?;
-        anyhow::bail!("attached; not triggered on purpose")
-    });
-    hook("fentry", Need::Optional, "faster socket hooks (optional accelerator)", 5, &|o| {
-        let btf = btf.as_ref().context("no kernel BTF")?;
-        let p: &mut FEntry = program(o, "check_fentry")?;
-        p.load("tcp_connect", btf)?;
-        let link = p.attach()?;
-        p.detach(link)?;
-        anyhow::bail!("attached; not triggered on purpose")
-    });
+    let mut hook =
+        |what, need, used_for, index: u32, attach: &dyn Fn(&mut Ebpf) -> anyhow::Result<()>| {
+            let outcome = attach(object).and_then(|()| {
+                let hits = hits(object, index)?;
+                anyhow::ensure!(hits > 0, "attached but never fired");
+                Ok(format!("attached and fired ({hits} hits)"))
+            });
+            findings.push(Finding {
+                what,
+                need,
+                used_for,
+                outcome: outcome.map_err(|e| format!("{e:#}")),
+            });
+        };
+    hook(
+        "tracepoint",
+        Need::Required,
+        "connection lifecycle (sock:inet_sock_set_state)",
+        0,
+        &|o| {
+            let p: &mut TracePoint = program(o, "check_tracepoint")?;
+            p.load()?;
+            let link = p.attach("syscalls", "sys_enter_getppid")?;
+            unsafe { libc::getppid() };
+            p.detach(link)?;
+            Ok(())
+        },
+    );
+    hook(
+        "tp_btf",
+        Need::Optional,
+        "typed hooks (not used yet)",
+        1,
+        &|o| {
+            let btf = btf.as_ref().context("no kernel BTF")?;
+            let p: &mut BtfTracePoint = program(o, "check_tp_btf")?;
+            p.load("sys_enter", btf)?;
+            let link = p.attach()?;
+            unsafe { libc::getppid() };
+            p.detach(link)?;
+            Ok(())
+        },
+    );
+    hook(
+        "uprobe",
+        Need::Optional,
+        "TLS plaintext (OpenSSL, Go crypto/tls)",
+        2,
+        &|o| {
+            let p: &mut UProbe = program(o, "check_uprobe")?;
+            p.load()?;
+            let exe = std::env::current_exe()?;
+            let link = p.attach(
+                ["hoptrace_check_uprobe_target"],
+                &exe,
+                UProbeScope::CallingProcess,
+            )?;
+            hoptrace_check_uprobe_target(1);
+            p.detach(link)?;
+            Ok(())
+        },
+    );
+    hook(
+        "tc (tcx/clsact)",
+        Need::Optional,
+        "NIC layer: segment times by TCP sequence",
+        3,
+        &|o| check_tc(o),
+    );
+    hook(
+        "kprobe",
+        Need::Optional,
+        "faster socket hooks (optional accelerator)",
+        4,
+        &|o| {
+            let p: &mut KProbe = program(o, "check_kprobe")?;
+            p.load()?;
+            let link = p.attach("tcp_connect", 0)?;
+            p.detach(link)?;
+            anyhow::bail!("attached; not triggered on purpose")
+        },
+    );
+    hook(
+        "fentry",
+        Need::Optional,
+        "faster socket hooks (optional accelerator)",
+        5,
+        &|o| {
+            let btf = btf.as_ref().context("no kernel BTF")?;
+            let p: &mut FEntry = program(o, "check_fentry")?;
+            p.load("tcp_connect", btf)?;
+            let link = p.attach()?;
+            p.detach(link)?;
+            anyhow::bail!("attached; not triggered on purpose")
+        },
+    );
     // kprobe and fentry are judged by attaching alone: an attach that succeeds is what counts.
     for finding in findings.iter_mut() {
         if let Err(e) = &finding.outcome
@@ -189,7 +262,9 @@ fn check_tc(object: &mut Ebpf) -> anyhow::Result<()> {
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
                 return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNET)");
             }
-            let up = Command::new("ip").args(["link", "set", "lo", "up"]).status()?;
+            let up = Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()?;
             anyhow::ensure!(up.success(), "ip link set lo up failed");
             let link = p.attach(c"lo", TcAttachType::Ingress)?;
             let socket = UdpSocket::bind("127.0.0.1:0")?;
@@ -207,12 +282,15 @@ fn program<'a, T>(object: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut T>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let program = object.program_mut(name).with_context(|| format!("{name} missing from the object"))?;
+    let program = object
+        .program_mut(name)
+        .with_context(|| format!("{name} missing from the object"))?;
     Ok(program.try_into()?)
 }
 
 fn hits(object: &Ebpf, index: u32) -> anyhow::Result<u64> {
-    let map: Array<_, u64> = Array::try_from(object.map("CHECK_HITS").context("CHECK_HITS missing")?)?;
+    let map: Array<_, u64> =
+        Array::try_from(object.map("CHECK_HITS").context("CHECK_HITS missing")?)?;
     Ok(map.get(&index, 0)?)
 }
 
@@ -227,26 +305,51 @@ fn is_mount_point(path: &str, fstype: &str) -> bool {
 
 fn report(findings: &[Finding]) {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{:<18} {:<9} {:<8} {:<50} detail", "check", "need", "result", "used for");
+    let _ = writeln!(
+        out,
+        "{:<18} {:<9} {:<8} {:<50} detail",
+        "check", "need", "result", "used for"
+    );
     for f in findings {
-        let need = if f.need == Need::Required { "required" } else { "optional" };
+        let need = if f.need == Need::Required {
+            "required"
+        } else {
+            "optional"
+        };
         let (result, detail) = match &f.outcome {
             Ok(d) => ("works", d.as_str()),
-            Err(e) => (if f.need == Need::Required { "MISSING" } else { "absent" }, e.as_str()),
+            Err(e) => (
+                if f.need == Need::Required {
+                    "MISSING"
+                } else {
+                    "absent"
+                },
+                e.as_str(),
+            ),
         };
-        let _ = writeln!(out, "{:<18} {:<9} {:<8} {:<50} {}", f.what, need, result, f.used_for, detail);
+        let _ = writeln!(
+            out,
+            "{:<18} {:<9} {:<8} {:<50} {}",
+            f.what, need, result, f.used_for, detail
+        );
     }
     let works = |what: &str| findings.iter().any(|f| f.what == what && f.outcome.is_ok());
     let _ = writeln!(out, "\nprobe plan of `hoptrace agent`:");
     for layer in [Layer::Connections, Layer::Requests, Layer::TcpArrival] {
         let ready = works("tracepoint")
-            && findings.iter().any(|f| f.what == "tracepoints" && f.used_for == layer.describe() && f.outcome.is_ok());
+            && findings.iter().any(|f| {
+                f.what == "tracepoints" && f.used_for == layer.describe() && f.outcome.is_ok()
+            });
         let hooks: Vec<_> = ebpf::agent_probes()
             .into_iter()
             .filter(|p| p.layer == layer)
             .map(|p| format!("{}:{}", p.category, p.name))
             .collect();
-        let hooks = if hooks.len() > 3 { format!("{} and {} more", hooks[..2].join(", "), hooks.len() - 2) } else { hooks.join(", ") };
+        let hooks = if hooks.len() > 3 {
+            format!("{} and {} more", hooks[..2].join(", "), hooks.len() - 2)
+        } else {
+            hooks.join(", ")
+        };
         let status = match (ready, layer) {
             (true, _) => "ready",
             (false, Layer::Connections) => "UNAVAILABLE",
@@ -254,8 +357,16 @@ fn report(findings: &[Finding]) {
         };
         let _ = writeln!(out, "  {:<56} [{status}] {hooks}", layer.describe());
     }
-    let nic = if works("tc (tcx/clsact)") { "[ready]" } else { "[absent: the agent runs without this layer]" };
-    let _ = writeln!(out, "  {:<56} {nic} tc egress/ingress on the observed namespaces' interfaces", "NIC layer");
+    let nic = if works("tc (tcx/clsact)") {
+        "[ready]"
+    } else {
+        "[absent: the agent runs without this layer]"
+    };
+    let _ = writeln!(
+        out,
+        "  {:<56} {nic} tc egress/ingress on the observed namespaces' interfaces",
+        "NIC layer"
+    );
     let accelerators = if works("fentry") || works("kprobe") {
         "available (not needed: the agent stands on tracepoints)"
     } else {
@@ -265,7 +376,13 @@ fn report(findings: &[Finding]) {
     let missing: Vec<_> = findings
         .iter()
         .filter(|f| f.need == Need::Required && f.outcome.is_err())
-        .map(|f| format!("{}: {}", f.what, f.outcome.as_ref().err().map(String::as_str).unwrap_or("")))
+        .map(|f| {
+            format!(
+                "{}: {}",
+                f.what,
+                f.outcome.as_ref().err().map(String::as_str).unwrap_or("")
+            )
+        })
         .collect();
     if missing.is_empty() {
         let _ = writeln!(out, "\nresult: every required hook works");
@@ -276,4 +393,3 @@ fn report(findings: &[Finding]) {
         }
     }
 }
-

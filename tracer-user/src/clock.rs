@@ -24,8 +24,10 @@ impl Clock {
             let after = now(libc::CLOCK_MONOTONIC);
             let window = after.saturating_sub(before);
             let mid = before as i128 + (window / 2) as i128;
-            let candidate =
-                Self { realtime_minus_monotonic_ns: real as i128 - mid, uncertainty_ns: window / 2 };
+            let candidate = Self {
+                realtime_minus_monotonic_ns: real as i128 - mid,
+                uncertainty_ns: window / 2,
+            };
             if best.is_none_or(|b| candidate.uncertainty_ns < b.uncertainty_ns) {
                 best = Some(candidate);
             }
@@ -35,7 +37,10 @@ impl Clock {
 
     #[cfg(test)]
     pub fn with_offset(realtime_minus_monotonic_ns: i128) -> Self {
-        Self { realtime_minus_monotonic_ns, uncertainty_ns: 0 }
+        Self {
+            realtime_minus_monotonic_ns,
+            uncertainty_ns: 0,
+        }
     }
 
     pub fn to_system_time(self, monotonic_ns: u64) -> SystemTime {
@@ -45,7 +50,10 @@ impl Clock {
 }
 
 fn now(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: ts is a valid timespec; both clocks exist on every Linux.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -66,7 +74,10 @@ mod tests {
         let a = clock.to_system_time(5_000);
         let b = clock.to_system_time(25_000);
         assert_eq!(b.duration_since(a).unwrap(), Duration::from_micros(20));
-        assert_eq!(a.duration_since(UNIX_EPOCH).unwrap().as_nanos(), 1_700_000_000_000_005_000);
+        assert_eq!(
+            a.duration_since(UNIX_EPOCH).unwrap().as_nanos(),
+            1_700_000_000_000_005_000
+        );
     }
 
     #[test]

@@ -24,7 +24,13 @@ pub fn span_for(event: &ConnEvent) -> Option<HopSpan> {
         ConnTransition::ConnectFailed => {
             let (kind, why) = connect_failure(event.sk_err);
             let attributes = vec![("error.type", Value::from(kind))];
-            (CONNECT, Role::Client, event.phase_start_ns, Some(why.to_string()), attributes)
+            (
+                CONNECT,
+                Role::Client,
+                event.phase_start_ns,
+                Some(why.to_string()),
+                attributes,
+            )
         }
         ConnTransition::AcceptDone => {
             // The SYN arrived one SYN-ACK round trip before the handshake completed, as the
@@ -32,26 +38,53 @@ pub fn span_for(event: &ConnEvent) -> Option<HopSpan> {
             // start is unknown: say so rather than invent one.
             let rtt_ns = u64::from(event.srtt_us) * 1000;
             let attributes = if event.srtt_us == 0 {
-                vec![("hoptrace.uncertain", Value::from("start: no SYN-ACK round-trip sample"))]
+                vec![(
+                    "hoptrace.uncertain",
+                    Value::from("start: no SYN-ACK round-trip sample"),
+                )]
             } else {
                 vec![("hoptrace.start_source", Value::from("synack_rtt"))]
             };
-            (ACCEPT, Role::Server, end.saturating_sub(rtt_ns), None, attributes)
+            (
+                ACCEPT,
+                Role::Server,
+                end.saturating_sub(rtt_ns),
+                None,
+                attributes,
+            )
         }
         ConnTransition::AcceptFailed => {
-            let why = format!("handshake aborted before establishment ({})", errno_name(event.sk_err));
-            (ACCEPT, Role::Server, end, Some(why), vec![("error.type", errno_name(event.sk_err).into())])
+            let why = format!(
+                "handshake aborted before establishment ({})",
+                errno_name(event.sk_err)
+            );
+            (
+                ACCEPT,
+                Role::Server,
+                end,
+                Some(why),
+                vec![("error.type", errno_name(event.sk_err).into())],
+            )
         }
         ConnTransition::Aborted => {
             let (kind, why) = abort_reason(event.sk_err);
-            (ABORT, Role::Internal, event.phase_start_ns, Some(why.to_string()), vec![("error.type", kind.into())])
+            (
+                ABORT,
+                Role::Internal,
+                event.phase_start_ns,
+                Some(why.to_string()),
+                vec![("error.type", kind.into())],
+            )
         }
         ConnTransition::ConnectStart | ConnTransition::Listen => return None,
     };
     // A phase the kernel did not see start (socket older than the agent): a zero-length span at
     // the moment we know, flagged, never a made-up duration.
     let start = if start == 0 || start > end {
-        attributes.push(("hoptrace.uncertain", "start: socket predates the agent".into()));
+        attributes.push((
+            "hoptrace.uncertain",
+            "start: socket predates the agent".into(),
+        ));
         end
     } else {
         start
@@ -74,17 +107,31 @@ fn common_attributes(event: &ConnEvent, server_side: bool) -> Vec<(&'static str,
     let local = address(event.family, &event.saddr);
     let peer = address(event.family, &event.daddr);
     let mut attributes = vec![
-        ("hoptrace.hop", Value::from(if server_side { HOP_PERSONA } else { HOP_AGENT })),
+        (
+            "hoptrace.hop",
+            Value::from(if server_side { HOP_PERSONA } else { HOP_AGENT }),
+        ),
         ("network.transport", "tcp".into()),
-        ("network.type", (if event.family == AF_INET6 { "ipv6" } else { "ipv4" }).into()),
+        (
+            "network.type",
+            (if event.family == AF_INET6 {
+                "ipv6"
+            } else {
+                "ipv4"
+            })
+            .into(),
+        ),
         ("network.local.address", local.to_string().into()),
         ("network.local.port", i64::from(event.sport).into()),
         ("network.peer.address", peer.to_string().into()),
         ("network.peer.port", i64::from(event.dport).into()),
         ("hoptrace.netns", i64::from(event.netns_ino).into()),
     ];
-    let (server, server_port) =
-        if server_side { (local, event.sport) } else { (peer, event.dport) };
+    let (server, server_port) = if server_side {
+        (local, event.sport)
+    } else {
+        (peer, event.dport)
+    };
     attributes.push(("server.address", server.to_string().into()));
     attributes.push(("server.port", i64::from(server_port).into()));
     if event.srtt_us != 0 {
@@ -119,7 +166,10 @@ fn connect_failure(sk_err: i32) -> (&'static str, &'static str) {
         libc::ETIMEDOUT => ("ETIMEDOUT", "connect timed out: no SYN-ACK after retries"),
         libc::EHOSTUNREACH => ("EHOSTUNREACH", "host unreachable (ICMP)"),
         libc::ENETUNREACH => ("ENETUNREACH", "network unreachable (ICMP)"),
-        0 => ("aborted", "connect abandoned by the application before completion"),
+        0 => (
+            "aborted",
+            "connect abandoned by the application before completion",
+        ),
         other => (errno_name(other), "connect failed"),
     }
 }
@@ -129,8 +179,14 @@ fn abort_reason(sk_err: i32) -> (&'static str, &'static str) {
     match sk_err {
         libc::ECONNRESET => ("ECONNRESET", "connection reset by peer"),
         libc::EPIPE => ("EPIPE", "connection reset by peer after its FIN"),
-        libc::ETIMEDOUT => ("ETIMEDOUT", "connection timed out (retransmissions or keepalive)"),
-        0 => ("reset_sent", "connection reset locally (unread data at close, or SO_LINGER 0)"),
+        libc::ETIMEDOUT => (
+            "ETIMEDOUT",
+            "connection timed out (retransmissions or keepalive)",
+        ),
+        0 => (
+            "reset_sent",
+            "connection reset locally (unread data at close, or SO_LINGER 0)",
+        ),
         other => (errno_name(other), "connection aborted"),
     }
 }
@@ -156,7 +212,12 @@ mod tests {
 
     fn event(old: u8, new: u8) -> ConnEvent {
         ConnEvent {
-            header: EventHeader { kind: kind::CONN, _pad: [0; 3], tgid: 4242, ts_ns: 50_000_000 },
+            header: EventHeader {
+                kind: kind::CONN,
+                _pad: [0; 3],
+                tgid: 4242,
+                ts_ns: 50_000_000,
+            },
             skaddr: 0xffff_8880_0000_1000,
             phase_start_ns: 30_000_000,
             netns_ino: 4026532000,
@@ -177,12 +238,21 @@ mod tests {
     #[test]
     fn a_completed_connect_spans_from_connect_to_syn_ack() {
         let span = span_for(&event(SYN_SENT, ESTABLISHED)).unwrap();
-        assert_eq!((span.name.as_ref(), span.role, span.duration_ns()), (CONNECT, Role::Client, 20_000_000));
+        assert_eq!(
+            (span.name.as_ref(), span.role, span.duration_ns()),
+            (CONNECT, Role::Client, 20_000_000)
+        );
         assert_eq!(span.error, None);
         assert_eq!(span.attr("hoptrace.hop"), Some(&Value::from(HOP_AGENT)));
-        assert_eq!(span.attr("server.address"), Some(&Value::from("10.10.2.2".to_string())));
+        assert_eq!(
+            span.attr("server.address"),
+            Some(&Value::from("10.10.2.2".to_string()))
+        );
         assert_eq!(span.attr("server.port"), Some(&Value::Int(80)));
-        assert_eq!(span.attr("process.executable.name"), Some(&Value::from("curl".to_string())));
+        assert_eq!(
+            span.attr("process.executable.name"),
+            Some(&Value::from("curl".to_string()))
+        );
         assert_eq!(span.attr("process.pid"), Some(&Value::Int(4242)));
     }
 
@@ -196,7 +266,13 @@ mod tests {
         assert_eq!(span.attr("error.type"), Some(&Value::from("ECONNREFUSED")));
         let mut timed_out = refused;
         timed_out.sk_err = libc::ETIMEDOUT;
-        assert!(span_for(&timed_out).unwrap().error.unwrap().contains("timed out"));
+        assert!(
+            span_for(&timed_out)
+                .unwrap()
+                .error
+                .unwrap()
+                .contains("timed out")
+        );
     }
 
     #[test]
@@ -205,7 +281,10 @@ mod tests {
         accepted.srtt_us = 20_000;
         accepted.phase_start_ns = 0;
         let span = span_for(&accepted).unwrap();
-        assert_eq!((span.name.as_ref(), span.role, span.duration_ns()), (ACCEPT, Role::Server, 20_000_000));
+        assert_eq!(
+            (span.name.as_ref(), span.role, span.duration_ns()),
+            (ACCEPT, Role::Server, 20_000_000)
+        );
         assert_eq!(span.attr("hoptrace.hop"), Some(&Value::from(HOP_PERSONA)));
         assert_eq!(span.attr("server.port"), Some(&Value::Int(41000)));
     }

@@ -25,7 +25,10 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { window_ns: 30_000_000_000, max_pending: 65_536 }
+        Self {
+            window_ns: 30_000_000_000,
+            max_pending: 65_536,
+        }
     }
 }
 
@@ -74,12 +77,19 @@ pub struct Correlator {
 
 impl Correlator {
     pub fn new(config: Config) -> Self {
-        Self { config, waiting: HashMap::new(), order: VecDeque::new(), stats: Stats::default() }
+        Self {
+            config,
+            waiting: HashMap::new(),
+            order: VecDeque::new(),
+            stats: Stats::default(),
+        }
     }
 
     /// Looks at a span the assembler emitted; when it completes a pair, pushes firewall spans.
     pub fn observe(&mut self, span: &HopSpan, out: &mut Vec<HopSpan>) {
-        let Some(parent) = span.ids.parent_id else { return };
+        let Some(parent) = span.ids.parent_id else {
+            return;
+        };
         if span.attr("http.request.method").is_none() {
             return;
         }
@@ -92,13 +102,21 @@ impl Correlator {
         let key = (span.ids.trace_id, parent);
         let now = span.end_ns;
         let waiting = self.waiting.entry(key).or_default();
-        let partner = if is_agent { waiting.persona.pop_front() } else { waiting.agent.pop_front() };
+        let partner = if is_agent {
+            waiting.persona.pop_front()
+        } else {
+            waiting.agent.pop_front()
+        };
         match partner {
             Some(other) => {
                 if waiting.agent.is_empty() && waiting.persona.is_empty() {
                     self.waiting.remove(&key);
                 }
-                let (agent, persona) = if is_agent { (side, other) } else { (other, side) };
+                let (agent, persona) = if is_agent {
+                    (side, other)
+                } else {
+                    (other, side)
+                };
                 self.stats.joined += 1;
                 match firewall_spans(key, &agent, &persona) {
                     Some(spans) => out.extend(spans),
@@ -106,7 +124,11 @@ impl Correlator {
                 }
             }
             None => {
-                if is_agent { waiting.agent.push_back(side) } else { waiting.persona.push_back(side) }
+                if is_agent {
+                    waiting.agent.push_back(side)
+                } else {
+                    waiting.persona.push_back(side)
+                }
                 self.order.push_back((key, now));
             }
         }
@@ -141,14 +163,22 @@ impl Correlator {
 }
 
 fn side_of(span: &HopSpan, is_agent: bool) -> Side {
-    let event = |name: &str| span.events.iter().find(|(n, _)| *n == name).map(|(_, t)| *t);
+    let event = |name: &str| {
+        span.events
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| *t)
+    };
     let (request_nic, response_nic) = if is_agent {
         (event("request.nic_egress"), event("response.nic_ingress"))
     } else {
         (event("request.nic_ingress"), event("response.nic_egress"))
     };
     let (request_fallback, response_fallback) = if is_agent {
-        (event("request.tcp_queued"), event("response.at_tcp").or(event("response.to_app")))
+        (
+            event("request.tcp_queued"),
+            event("response.at_tcp").or(event("response.to_app")),
+        )
     } else {
         (Some(span.start_ns), Some(span.end_ns))
     };
@@ -181,7 +211,10 @@ fn firewall_spans(key: Key, agent: &Side, persona: &Side) -> Option<Vec<HopSpan>
     let reached_persona = persona.request_ns?;
     let left_persona = persona.response_ns?;
     let reached_agent = agent.response_ns?;
-    if reached_persona < left_agent || reached_agent < left_persona || left_persona < reached_persona {
+    if reached_persona < left_agent
+        || reached_agent < left_persona
+        || left_persona < reached_persona
+    {
         return None;
     }
     let forward = reached_persona - left_agent;
@@ -195,21 +228,27 @@ fn firewall_spans(key: Key, agent: &Side, persona: &Side) -> Option<Vec<HopSpan>
         (Some(_), Some(_)) => "proxy",
         _ => "unknown",
     };
-    let mut common: Vec<(&'static str, Value)> =
-        vec![("hoptrace.hop", HOP_FIREWALL.into()), ("hoptrace.firewall.mode", mode.into())];
+    let mut common: Vec<(&'static str, Value)> = vec![
+        ("hoptrace.hop", HOP_FIREWALL.into()),
+        ("hoptrace.firewall.mode", mode.into()),
+    ];
     if !(agent.nic && persona.nic) {
-        common.push(("hoptrace.uncertain", "split estimated: a side has no NIC times; TCP/syscall times used".into()));
+        common.push((
+            "hoptrace.uncertain",
+            "split estimated: a side has no NIC times; TCP/syscall times used".into(),
+        ));
     }
-    let span = |name: &'static str, start: u64, end: u64, extra: Vec<(&'static str, Value)>| HopSpan {
-        ids: SpanIds::child(trace_id, parent, agent.trace_state.clone()),
-        name: name.into(),
-        role: Role::Internal,
-        start_ns: start,
-        end_ns: end,
-        error: None,
-        attributes: common.iter().cloned().chain(extra).collect(),
-        events: Vec::new(),
-    };
+    let span =
+        |name: &'static str, start: u64, end: u64, extra: Vec<(&'static str, Value)>| HopSpan {
+            ids: SpanIds::child(trace_id, parent, agent.trace_state.clone()),
+            name: name.into(),
+            role: Role::Internal,
+            start_ns: start,
+            end_ns: end,
+            error: None,
+            attributes: common.iter().cloned().chain(extra).collect(),
+            events: Vec::new(),
+        };
     Some(vec![
         span(
             "firewall",
@@ -221,8 +260,18 @@ fn firewall_spans(key: Key, agent: &Side, persona: &Side) -> Option<Vec<HopSpan>
                 ("hoptrace.firewall.return_ns", (back as i64).into()),
             ],
         ),
-        span("firewall.forward", left_agent, reached_persona, vec![("hoptrace.direction", "forward".into())]),
-        span("firewall.return", left_persona, reached_agent, vec![("hoptrace.direction", "return".into())]),
+        span(
+            "firewall.forward",
+            left_agent,
+            reached_persona,
+            vec![("hoptrace.direction", "forward".into())],
+        ),
+        span(
+            "firewall.return",
+            left_persona,
+            reached_agent,
+            vec![("hoptrace.direction", "return".into())],
+        ),
     ])
 }
 
@@ -233,7 +282,14 @@ mod tests {
     const TRACE: [u8; 16] = [7; 16];
     const PARENT: [u8; 8] = [9; 8];
 
-    fn hop(role: Role, hop: &'static str, start: u64, end: u64, events: Vec<(&'static str, u64)>, client: &str) -> HopSpan {
+    fn hop(
+        role: Role,
+        hop: &'static str,
+        start: u64,
+        end: u64,
+        events: Vec<(&'static str, u64)>,
+        client: &str,
+    ) -> HopSpan {
         let (addr_key, port_key) = if role == Role::Client {
             ("network.local.address", "network.local.port")
         } else {
@@ -257,11 +313,25 @@ mod tests {
     }
 
     fn agent(start: u64, end: u64, left: u64, back: u64, client: &str) -> HopSpan {
-        hop(Role::Client, "agent", start, end, vec![("request.nic_egress", left), ("response.nic_ingress", back)], client)
+        hop(
+            Role::Client,
+            "agent",
+            start,
+            end,
+            vec![("request.nic_egress", left), ("response.nic_ingress", back)],
+            client,
+        )
     }
 
     fn persona(start: u64, end: u64, client: &str) -> HopSpan {
-        hop(Role::Server, "persona", start, end, vec![("request.nic_ingress", start), ("response.nic_egress", end)], client)
+        hop(
+            Role::Server,
+            "persona",
+            start,
+            end,
+            vec![("request.nic_ingress", start), ("response.nic_egress", end)],
+            client,
+        )
     }
 
     #[test]
@@ -276,9 +346,18 @@ mod tests {
         assert_eq!(names, ["firewall", "firewall.forward", "firewall.return"]);
         assert_eq!((out[1].start_ns, out[1].end_ns), (1_001, 1_020));
         assert_eq!((out[2].start_ns, out[2].end_ns), (1_025, 1_039));
-        assert!(out.iter().all(|s| s.ids.trace_id == TRACE && s.ids.parent_id == Some(PARENT)));
-        assert_eq!(out[0].attr("hoptrace.firewall.total_ns"), Some(&Value::Int(35)));
-        assert_eq!(out[0].attr("hoptrace.firewall.mode"), Some(&Value::from("forwarder")));
+        assert!(
+            out.iter()
+                .all(|s| s.ids.trace_id == TRACE && s.ids.parent_id == Some(PARENT))
+        );
+        assert_eq!(
+            out[0].attr("hoptrace.firewall.total_ns"),
+            Some(&Value::Int(35))
+        );
+        assert_eq!(
+            out[0].attr("hoptrace.firewall.mode"),
+            Some(&Value::from("forwarder"))
+        );
         assert_eq!(c.stats.joined, 1);
     }
 
@@ -288,7 +367,10 @@ mod tests {
         let mut out = Vec::new();
         c.observe(&agent(1_000, 1_040, 1_001, 1_039, "10.0.0.1"), &mut out);
         c.observe(&persona(1_020, 1_025, "10.0.2.1"), &mut out);
-        assert_eq!(out[0].attr("hoptrace.firewall.mode"), Some(&Value::from("proxy")));
+        assert_eq!(
+            out[0].attr("hoptrace.firewall.mode"),
+            Some(&Value::from("proxy"))
+        );
     }
 
     #[test]
@@ -299,13 +381,20 @@ mod tests {
         c.observe(&persona(2_020, 2_025, "c"), &mut out);
         c.observe(&agent(1_000, 1_040, 1_001, 1_039, "c"), &mut out);
         c.observe(&agent(2_000, 2_040, 2_001, 2_039, "c"), &mut out);
-        let forwards: Vec<_> = out.iter().filter(|s| s.name == "firewall.forward").map(|s| (s.start_ns, s.end_ns)).collect();
+        let forwards: Vec<_> = out
+            .iter()
+            .filter(|s| s.name == "firewall.forward")
+            .map(|s| (s.start_ns, s.end_ns))
+            .collect();
         assert_eq!(forwards, [(1_001, 1_020), (2_001, 2_020)]);
     }
 
     #[test]
     fn contradicting_times_make_no_span_and_one_sided_requests_are_evicted() {
-        let mut c = Correlator::new(Config { window_ns: 100, max_pending: 4 });
+        let mut c = Correlator::new(Config {
+            window_ns: 100,
+            max_pending: 4,
+        });
         let mut out = Vec::new();
         // The persona answered after the agent got its response: impossible, nothing emitted.
         c.observe(&persona(1_020, 1_050, "c"), &mut out);

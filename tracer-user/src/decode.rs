@@ -19,7 +19,11 @@ pub enum DecodeError {
     #[error("unknown record kind {0}")]
     UnknownKind(u8),
     #[error("record of kind {kind} has {len} bytes, expected {expected}")]
-    Length { kind: u8, len: usize, expected: usize },
+    Length {
+        kind: u8,
+        len: usize,
+        expected: usize,
+    },
     #[error("data record claims {claimed} captured bytes, carries {carried}")]
     Captured { claimed: usize, carried: usize },
 }
@@ -48,7 +52,10 @@ fn decode_data(bytes: &[u8]) -> Result<Box<DataEvent>, DecodeError> {
     let event: DataEvent = read_record(kind::DATA, &full)?;
     let claimed = usize::from(event.captured);
     if claimed > MAX_CAPTURE || claimed > carried - DATA_HEADER_LEN {
-        return Err(DecodeError::Captured { claimed, carried: carried - DATA_HEADER_LEN });
+        return Err(DecodeError::Captured {
+            claimed,
+            carried: carried - DATA_HEADER_LEN,
+        });
     }
     Ok(Box::new(event))
 }
@@ -57,7 +64,11 @@ fn decode_data(bytes: &[u8]) -> Result<Box<DataEvent>, DecodeError> {
 fn read_record<T: aya::Pod>(kind: u8, bytes: &[u8]) -> Result<T, DecodeError> {
     let expected = size_of::<T>();
     if bytes.len() < expected {
-        return Err(DecodeError::Length { kind, len: bytes.len(), expected });
+        return Err(DecodeError::Length {
+            kind,
+            len: bytes.len(),
+            expected,
+        });
     }
     // SAFETY: T is Pod (any bit pattern is valid) and `bytes` holds at least size_of::<T>().
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
@@ -71,7 +82,12 @@ mod tests {
 
     fn conn_bytes() -> Vec<u8> {
         let mut event: ConnEvent = unsafe { std::mem::zeroed() };
-        event.header = EventHeader { kind: kind::CONN, _pad: [0; 3], tgid: 42, ts_ns: 7 };
+        event.header = EventHeader {
+            kind: kind::CONN,
+            _pad: [0; 3],
+            tgid: 42,
+            ts_ns: 7,
+        };
         event.sport = 80;
         let ptr = (&event as *const ConnEvent).cast::<u8>();
         unsafe { std::slice::from_raw_parts(ptr, size_of::<ConnEvent>()) }.to_vec()
@@ -79,8 +95,13 @@ mod tests {
 
     #[test]
     fn decodes_a_connection_record() {
-        let Ok(Event::Conn(event)) = decode(&conn_bytes()) else { panic!() };
-        assert_eq!((event.header.tgid, event.header.ts_ns, event.sport), (42, 7, 80));
+        let Ok(Event::Conn(event)) = decode(&conn_bytes()) else {
+            panic!()
+        };
+        assert_eq!(
+            (event.header.tgid, event.header.ts_ns, event.sport),
+            (42, 7, 80)
+        );
     }
 
     fn data_bytes(payload: &[u8], captured: u16) -> Vec<u8> {
@@ -97,10 +118,18 @@ mod tests {
     #[test]
     fn decodes_a_data_record_of_any_captured_length() {
         let bytes = data_bytes(b"GET / HTTP/1.1\r\n", 16);
-        let Ok(Event::Data(event)) = decode(&bytes) else { panic!() };
+        let Ok(Event::Data(event)) = decode(&bytes) else {
+            panic!()
+        };
         assert_eq!(&event.data[..16], b"GET / HTTP/1.1\r\n");
-        assert!(matches!(decode(&data_bytes(b"abc", 500)), Err(DecodeError::Captured { .. })));
-        assert!(matches!(decode(&bytes[..50]), Err(DecodeError::Length { .. })));
+        assert!(matches!(
+            decode(&data_bytes(b"abc", 500)),
+            Err(DecodeError::Captured { .. })
+        ));
+        assert!(matches!(
+            decode(&bytes[..50]),
+            Err(DecodeError::Length { .. })
+        ));
     }
 
     #[test]
@@ -108,7 +137,11 @@ mod tests {
         let bytes = conn_bytes();
         assert_eq!(
             decode(&bytes[..50]),
-            Err(DecodeError::Length { kind: kind::CONN, len: 50, expected: 104 })
+            Err(DecodeError::Length {
+                kind: kind::CONN,
+                len: 50,
+                expected: 104
+            })
         );
         assert_eq!(decode(&[200, 0, 0]), Err(DecodeError::UnknownKind(200)));
         assert_eq!(decode(&[]), Err(DecodeError::Empty));

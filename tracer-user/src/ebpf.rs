@@ -88,18 +88,72 @@ pub fn agent_probes() -> Vec<TracepointProbe> {
         layer: Layer::Connections,
     }];
     // The socket tracepoints first: if they are missing the syscall probes are pointless.
-    for (program, name) in [("sock_send_length", "sock_send_length"), ("sock_recv_length", "sock_recv_length")] {
-        probes.push(TracepointProbe { program, category: "sock", name, layout: SOCK_LENGTH_LAYOUT, layer: Layer::Requests });
+    for (program, name) in [
+        ("sock_send_length", "sock_send_length"),
+        ("sock_recv_length", "sock_recv_length"),
+    ] {
+        probes.push(TracepointProbe {
+            program,
+            category: "sock",
+            name,
+            layout: SOCK_LENGTH_LAYOUT,
+            layer: Layer::Requests,
+        });
     }
-    probes.extend(syscall_pair!("sys_enter_write", "sys_exit_write", "buf", "count"));
-    probes.extend(syscall_pair!("sys_enter_sendto", "sys_exit_sendto", "buff", "len"));
-    probes.extend(syscall_pair!("sys_enter_writev", "sys_exit_writev", "vec", "vlen"));
-    probes.extend(syscall_pair!("sys_enter_sendmsg", "sys_exit_sendmsg", "msg", "flags"));
-    probes.extend(syscall_pair!("sys_enter_sendfile64", "sys_exit_sendfile64", "in_fd", "offset"));
-    probes.extend(syscall_pair!("sys_enter_read", "sys_exit_read", "buf", "count"));
-    probes.extend(syscall_pair!("sys_enter_recvfrom", "sys_exit_recvfrom", "ubuf", "size"));
-    probes.extend(syscall_pair!("sys_enter_readv", "sys_exit_readv", "vec", "vlen"));
-    probes.extend(syscall_pair!("sys_enter_recvmsg", "sys_exit_recvmsg", "msg", "flags"));
+    probes.extend(syscall_pair!(
+        "sys_enter_write",
+        "sys_exit_write",
+        "buf",
+        "count"
+    ));
+    probes.extend(syscall_pair!(
+        "sys_enter_sendto",
+        "sys_exit_sendto",
+        "buff",
+        "len"
+    ));
+    probes.extend(syscall_pair!(
+        "sys_enter_writev",
+        "sys_exit_writev",
+        "vec",
+        "vlen"
+    ));
+    probes.extend(syscall_pair!(
+        "sys_enter_sendmsg",
+        "sys_exit_sendmsg",
+        "msg",
+        "flags"
+    ));
+    probes.extend(syscall_pair!(
+        "sys_enter_sendfile64",
+        "sys_exit_sendfile64",
+        "in_fd",
+        "offset"
+    ));
+    probes.extend(syscall_pair!(
+        "sys_enter_read",
+        "sys_exit_read",
+        "buf",
+        "count"
+    ));
+    probes.extend(syscall_pair!(
+        "sys_enter_recvfrom",
+        "sys_exit_recvfrom",
+        "ubuf",
+        "size"
+    ));
+    probes.extend(syscall_pair!(
+        "sys_enter_readv",
+        "sys_exit_readv",
+        "vec",
+        "vlen"
+    ));
+    probes.extend(syscall_pair!(
+        "sys_enter_recvmsg",
+        "sys_exit_recvmsg",
+        "msg",
+        "flags"
+    ));
     probes.push(TracepointProbe {
         program: "tcp_probe",
         category: "tcp",
@@ -150,7 +204,11 @@ pub fn load_agent(scope: &Scope, ring_buffer_bytes: u32) -> anyhow::Result<(Ebpf
     fill_scope_maps(&mut ebpf, scope)?;
     seed_listeners(&mut ebpf, scope)?;
     let probes = agent_probes();
-    let mut attached = Attached { requests: true, tcp_arrival: true, nic: false };
+    let mut attached = Attached {
+        requests: true,
+        tcp_arrival: true,
+        nic: false,
+    };
     for layer in [Layer::Connections, Layer::Requests, Layer::TcpArrival] {
         let group: Vec<_> = probes.iter().filter(|p| p.layer == layer).collect();
         if layer == Layer::TcpArrival && !attached.requests {
@@ -161,7 +219,10 @@ pub fn load_agent(scope: &Scope, ring_buffer_bytes: u32) -> anyhow::Result<(Ebpf
             if layer == Layer::Connections {
                 return Err(error);
             }
-            log::warn!("{} unavailable, continuing without it: {error:#}", layer.describe());
+            log::warn!(
+                "{} unavailable, continuing without it: {error:#}",
+                layer.describe()
+            );
             match layer {
                 Layer::Requests => attached.requests = false,
                 _ => attached.tcp_arrival = false,
@@ -174,7 +235,9 @@ pub fn load_agent(scope: &Scope, ring_buffer_bytes: u32) -> anyhow::Result<(Ebpf
                 log::debug!("NIC layer on {interfaces} interfaces");
                 attached.nic = true;
             }
-            Err(error) => log::warn!("NIC layer (tc) unavailable, continuing without it: {error:#}"),
+            Err(error) => {
+                log::warn!("NIC layer (tc) unavailable, continuing without it: {error:#}")
+            }
         }
     }
     Ok((ebpf, attached))
@@ -190,11 +253,15 @@ fn attach_group(ebpf: &mut Ebpf, group: &[&TracepointProbe]) -> anyhow::Result<(
             .with_context(|| format!("program {} missing from the object", probe.program))?
             .try_into()?;
         if program.fd().is_err() {
-            program.load().with_context(|| format!("loading {}", probe.program))?;
+            program
+                .load()
+                .with_context(|| format!("loading {}", probe.program))?;
         }
         let link = program
             .attach(probe.category, probe.name)
-            .with_context(|| format!("attaching to tracepoint {}:{}", probe.category, probe.name))?;
+            .with_context(|| {
+                format!("attaching to tracepoint {}:{}", probe.category, probe.name)
+            })?;
         links.push((probe.program, link));
         anyhow::Ok(())
     });
@@ -209,10 +276,17 @@ fn attach_group(ebpf: &mut Ebpf, group: &[&TracepointProbe]) -> anyhow::Result<(
 }
 
 /// Loads the object without attaching anything (`hoptrace check` attaches its own probes).
-pub fn load_object(scope: &Scope, offsets: &KernelOffsets, ring_buffer_bytes: u32) -> anyhow::Result<Ebpf> {
+pub fn load_object(
+    scope: &Scope,
+    offsets: &KernelOffsets,
+    ring_buffer_bytes: u32,
+) -> anyhow::Result<Ebpf> {
     let on = |enabled: bool| u32::from(enabled);
-    let (netns, pids, ports) =
-        (on(!scope.netns.is_empty()), on(!scope.pids.is_empty()), on(!scope.ports.is_empty()));
+    let (netns, pids, ports) = (
+        on(!scope.netns.is_empty()),
+        on(!scope.pids.is_empty()),
+        on(!scope.ports.is_empty()),
+    );
     EbpfLoader::new()
         .override_global(globals::FILTER_NETNS, &netns, true)
         .override_global(globals::FILTER_PID, &pids, true)
@@ -246,7 +320,10 @@ fn seed_listeners(ebpf: &mut Ebpf, scope: &Scope) -> anyhow::Result<()> {
     let mut listeners: HashMap<_, ListenerKey, ListenerInfo> =
         HashMap::try_from(map(ebpf, maps::LISTENERS)?)?;
     let existing = listeners::existing(&netns);
-    log::debug!("{} listening sockets existed before the agent", existing.len());
+    log::debug!(
+        "{} listening sockets existed before the agent",
+        existing.len()
+    );
     for (key, info) in existing {
         listeners.insert(&key, &info, 0)?;
     }
@@ -254,7 +331,8 @@ fn seed_listeners(ebpf: &mut Ebpf, scope: &Scope) -> anyhow::Result<()> {
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
-    ebpf.map_mut(name).with_context(|| format!("map {name} missing from the eBPF object"))
+    ebpf.map_mut(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))
 }
 
 /// The kernel's counters, summed over CPUs, indexed by [`Counter`].
@@ -304,7 +382,11 @@ fn has_cap_bpf() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
-            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim().to_string();
+            let hex = status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_string();
             u64::from_str_radix(&hex, 16).ok()
         })
         .is_some_and(|caps| caps & (1 << CAP_BPF) != 0)

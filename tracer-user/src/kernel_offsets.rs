@@ -12,7 +12,9 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OffsetError {
-    #[error("cannot read kernel BTF at {VMLINUX_BTF} (kernel built without CONFIG_DEBUG_INFO_BTF?): {0}")]
+    #[error(
+        "cannot read kernel BTF at {VMLINUX_BTF} (kernel built without CONFIG_DEBUG_INFO_BTF?): {0}"
+    )]
     NoBtf(String),
     #[error("struct {0} not found in kernel BTF")]
     NoStruct(String),
@@ -56,10 +58,16 @@ pub fn offset_of(btf: &Btf, owner: &str, path: &[&str]) -> Result<u32, OffsetErr
     let mut bits = 0u32;
     for field in path {
         let (Type::Struct(ref composite) | Type::Union(ref composite)) = current else {
-            return Err(OffsetError::NoField { owner: owner.into(), field: (*field).into() });
+            return Err(OffsetError::NoField {
+                owner: owner.into(),
+                field: (*field).into(),
+            });
         };
-        let (member_bits, member_type) = find_member(btf, composite, field, 0)?
-            .ok_or_else(|| OffsetError::NoField { owner: owner.into(), field: (*field).into() })?;
+        let (member_bits, member_type) =
+            find_member(btf, composite, field, 0)?.ok_or_else(|| OffsetError::NoField {
+                owner: owner.into(),
+                field: (*field).into(),
+            })?;
         bits += member_bits;
         current = member_type;
     }
@@ -133,14 +141,23 @@ mod tests {
         }
         let offsets = resolve().expect("offsets");
         // skc_net sits in sock_common, which is the first member of struct sock.
-        assert!(offsets.sock_net > 0 && offsets.sock_net < 136, "{offsets:?}");
+        assert!(
+            offsets.sock_net > 0 && offsets.sock_net < 136,
+            "{offsets:?}"
+        );
         assert!(offsets.sock_err > offsets.sock_net, "{offsets:?}");
-        assert!(offsets.tcp_srtt_us > 1000, "srtt_us lies deep in tcp_sock: {offsets:?}");
+        assert!(
+            offsets.tcp_srtt_us > 1000,
+            "srtt_us lies deep in tcp_sock: {offsets:?}"
+        );
         let btf = Btf::from_file(VMLINUX_BTF).unwrap();
         assert!(matches!(
             offset_of(&btf, "sock", &["no_such_field"]),
             Err(OffsetError::NoField { .. })
         ));
-        assert!(matches!(offset_of(&btf, "no_such_struct", &["x"]), Err(OffsetError::NoStruct(_))));
+        assert!(matches!(
+            offset_of(&btf, "no_such_struct", &["x"]),
+            Err(OffsetError::NoStruct(_))
+        ));
     }
 }

@@ -23,7 +23,9 @@ pub fn existing(netns: &[u32]) -> Vec<(ListenerKey, ListenerInfo)> {
     // netns inode -> pids in it, ascending.
     let mut pids_by_netns: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
     for pid in all_pids() {
-        let Ok(meta) = std::fs::metadata(format!("/proc/{pid}/ns/net")) else { continue };
+        let Ok(meta) = std::fs::metadata(format!("/proc/{pid}/ns/net")) else {
+            continue;
+        };
         let ns = meta.ino() as u32;
         if wanted.is_empty() || wanted.contains(&ns) {
             pids_by_netns.entry(ns).or_default().push(pid);
@@ -32,17 +34,31 @@ pub fn existing(netns: &[u32]) -> Vec<(ListenerKey, ListenerInfo)> {
     let mut found = Vec::new();
     for (ns, pids) in pids_by_netns {
         // Any process of the namespace shows the namespace's sockets.
-        let Some(listening) = pids.iter().find_map(|pid| listening_sockets(*pid)) else { continue };
+        let Some(listening) = pids.iter().find_map(|pid| listening_sockets(*pid)) else {
+            continue;
+        };
         if listening.is_empty() {
             continue;
         }
         let mut claimed = HashSet::new();
         for pid in pids {
             for inode in socket_inodes(pid) {
-                let Some(&port) = listening.get(&inode) else { continue };
+                let Some(&port) = listening.get(&inode) else {
+                    continue;
+                };
                 if claimed.insert(port) {
-                    let key = ListenerKey { netns_ino: ns, port, _pad: 0 };
-                    found.push((key, ListenerInfo { tgid: pid, comm: comm(pid) }));
+                    let key = ListenerKey {
+                        netns_ino: ns,
+                        port,
+                        _pad: 0,
+                    };
+                    found.push((
+                        key,
+                        ListenerInfo {
+                            tgid: pid,
+                            comm: comm(pid),
+                        },
+                    ));
                 }
             }
         }
@@ -52,7 +68,10 @@ pub fn existing(netns: &[u32]) -> Vec<(ListenerKey, ListenerInfo)> {
 
 fn all_pids() -> Vec<u32> {
     let mut pids: Vec<u32> = std::fs::read_dir("/proc")
-        .map(|dir| dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     pids.sort_unstable();
     pids
@@ -87,11 +106,17 @@ fn parse_listeners(table: &str) -> impl Iterator<Item = (u64, u16)> + '_ {
 }
 
 fn socket_inodes(pid: u32) -> Vec<u64> {
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
     fds.filter_map(|fd| {
         let target = std::fs::read_link(fd.ok()?.path()).ok()?;
         let target = target.to_str()?;
-        target.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        target
+            .strip_prefix("socket:[")?
+            .strip_suffix(']')?
+            .parse()
+            .ok()
     })
     .collect()
 }
@@ -117,7 +142,10 @@ mod tests {
         let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
             0: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0\n\
             1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 999 1 0\n";
-        assert_eq!(parse_listeners(table).collect::<Vec<_>>(), vec![(12345, 80)]);
+        assert_eq!(
+            parse_listeners(table).collect::<Vec<_>>(),
+            vec![(12345, 80)]
+        );
     }
 
     #[test]
@@ -126,7 +154,10 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let own_ns = std::fs::metadata("/proc/self/ns/net").unwrap().ino() as u32;
         let found = existing(&[own_ns]);
-        let (key, info) = found.iter().find(|(k, _)| k.port == port).expect("our listener");
+        let (key, info) = found
+            .iter()
+            .find(|(k, _)| k.port == port)
+            .expect("our listener");
         assert_eq!(key.netns_ino, own_ns);
         assert_eq!(info.tgid, std::process::id());
     }

@@ -22,7 +22,11 @@ use std::{process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "hoptrace", version, about = "Per-hop latency from the kernel, as OpenTelemetry spans")]
+#[command(
+    name = "hoptrace",
+    version,
+    about = "Per-hop latency from the kernel, as OpenTelemetry spans"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,13 +46,28 @@ enum Command {
     Agent {
         /// Observe only this network namespace: a name as `ip netns` shows it, or a path such as
         /// /proc/PID/ns/net. Repeatable. Default: every namespace.
-        #[arg(long = "netns", value_name = "NAME|PATH", env = "HOPTRACE_NETNS", value_delimiter = ',')]
+        #[arg(
+            long = "netns",
+            value_name = "NAME|PATH",
+            env = "HOPTRACE_NETNS",
+            value_delimiter = ','
+        )]
         netns: Vec<String>,
         /// Observe only sockets of this process id (connecting or listening). Repeatable.
-        #[arg(long = "pid", value_name = "PID", env = "HOPTRACE_PIDS", value_delimiter = ',')]
+        #[arg(
+            long = "pid",
+            value_name = "PID",
+            env = "HOPTRACE_PIDS",
+            value_delimiter = ','
+        )]
         pids: Vec<u32>,
         /// Observe only connections with this local or remote TCP port. Repeatable.
-        #[arg(long = "port", value_name = "PORT", env = "HOPTRACE_PORTS", value_delimiter = ',')]
+        #[arg(
+            long = "port",
+            value_name = "PORT",
+            env = "HOPTRACE_PORTS",
+            value_delimiter = ','
+        )]
         ports: Vec<u16>,
         /// OTLP endpoint; overrides OTEL_EXPORTER_OTLP_ENDPOINT.
         #[arg(long, value_name = "URL")]
@@ -69,7 +88,12 @@ enum Command {
         #[arg(long, env = "HOPTRACE_RING_BUFFER_MIB", default_value_t = 4, value_parser = ring_buffer_mib)]
         ring_buffer_mib: u32,
         /// How long stopping may take to flush pending spans, in seconds.
-        #[arg(long, default_value_t = 5.0, value_name = "SECONDS", env = "HOPTRACE_SHUTDOWN_TIMEOUT")]
+        #[arg(
+            long,
+            default_value_t = 5.0,
+            value_name = "SECONDS",
+            env = "HOPTRACE_SHUTDOWN_TIMEOUT"
+        )]
         shutdown_timeout: f64,
     },
 }
@@ -77,7 +101,9 @@ enum Command {
 fn ring_buffer_mib(value: &str) -> Result<u32, String> {
     match value.parse::<u32>() {
         Ok(mib) if mib.is_power_of_two() && mib <= 1024 => Ok(mib),
-        _ => Err(format!("{value:?}: the ring buffer size must be a power of two from 1 to 1024 MiB")),
+        _ => Err(format!(
+            "{value:?}: the ring buffer size must be a power of two from 1 to 1024 MiB"
+        )),
     }
 }
 
@@ -87,7 +113,13 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let outcome = match cli.command {
-        Command::Check => check::run().map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }),
+        Command::Check => check::run().map(|ok| {
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }),
         Command::Agent {
             netns,
             pids,
@@ -103,7 +135,10 @@ fn main() -> ExitCode {
                 scope_netns: netns,
                 scope_pids: pids,
                 scope_ports: ports,
-                export: export::ExportFlags { endpoint: otlp_endpoint, protocol: otlp_protocol },
+                export: export::ExportFlags {
+                    endpoint: otlp_endpoint,
+                    protocol: otlp_protocol,
+                },
                 untraced,
                 layer_spans,
                 ring_buffer_bytes: ring_buffer_mib << 20,

@@ -5,13 +5,7 @@
 //! namespace, so each namespace's interfaces are listed and attached from a thread that has
 //! entered that namespace (setns is per thread; the process stays where it is).
 
-use std::{
-    ffi::CStr,
-    fs::File,
-    net::IpAddr,
-    os::fd::AsRawFd as _,
-    path::PathBuf,
-};
+use std::{ffi::CStr, fs::File, net::IpAddr, os::fd::AsRawFd as _, path::PathBuf};
 
 use anyhow::{Context as _, bail};
 use aya::{
@@ -32,8 +26,10 @@ pub fn attach(ebpf: &mut Ebpf, scope: &Scope) -> anyhow::Result<usize> {
         scope.netns.iter().map(|n| Some(n.path.clone())).collect()
     };
     for name in ["nic_egress", "nic_ingress"] {
-        let program: &mut SchedClassifier =
-            ebpf.program_mut(name).with_context(|| format!("{name} missing"))?.try_into()?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("{name} missing"))?
+            .try_into()?;
         program.load().with_context(|| format!("loading {name}"))?;
     }
     let mut attached = 0;
@@ -57,7 +53,8 @@ fn attach_in(ebpf: &mut Ebpf, namespace: Option<&PathBuf>) -> anyhow::Result<usi
         }
     }
     // Before TCX (6.6) tc programs hang off a clsact qdisc, which must exist first.
-    let needs_clsact = aya::util::KernelVersion::current().is_ok_and(|v| v < aya::util::KernelVersion::new(6, 6, 0));
+    let needs_clsact = aya::util::KernelVersion::current()
+        .is_ok_and(|v| v < aya::util::KernelVersion::new(6, 6, 0));
     let mut count = 0;
     for (index, name) in interfaces()? {
         if name == "lo" {
@@ -66,9 +63,14 @@ fn attach_in(ebpf: &mut Ebpf, namespace: Option<&PathBuf>) -> anyhow::Result<usi
         if needs_clsact {
             let _ = aya::programs::tc::qdisc_add_clsact(index);
         }
-        for (program, direction) in [("nic_egress", TcAttachType::Egress), ("nic_ingress", TcAttachType::Ingress)] {
-            let program: &mut SchedClassifier =
-                ebpf.program_mut(program).context("tc program missing")?.try_into()?;
+        for (program, direction) in [
+            ("nic_egress", TcAttachType::Egress),
+            ("nic_ingress", TcAttachType::Ingress),
+        ] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(program)
+                .context("tc program missing")?
+                .try_into()?;
             program
                 .attach(index, direction)
                 .with_context(|| format!("attaching tc {direction:?} to {name}"))?;
@@ -89,7 +91,9 @@ fn interfaces() -> anyhow::Result<Vec<(u32, String)>> {
     // SAFETY: the array ends with an entry whose index is 0; freed below.
     unsafe {
         while (*entry).if_index != 0 {
-            let name = CStr::from_ptr((*entry).if_name).to_string_lossy().into_owned();
+            let name = CStr::from_ptr((*entry).if_name)
+                .to_string_lossy()
+                .into_owned();
             found.push(((*entry).if_index, name));
             entry = entry.add(1);
         }
@@ -112,8 +116,12 @@ pub struct KernelNicTimes {
 
 impl KernelNicTimes {
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
-        let tx = ebpf.take_map(maps::NIC_TX).with_context(|| format!("{} missing", maps::NIC_TX))?;
-        Ok(Self { tx: HashMap::try_from(tx)? })
+        let tx = ebpf
+            .take_map(maps::NIC_TX)
+            .with_context(|| format!("{} missing", maps::NIC_TX))?;
+        Ok(Self {
+            tx: HashMap::try_from(tx)?,
+        })
     }
 }
 

@@ -170,7 +170,11 @@ enum Chunk {
 }
 
 impl Chunk {
-    const START: Self = Self::Size { size: 0, digits: false, ext: false };
+    const START: Self = Self::Size {
+        size: 0,
+        digits: false,
+        ext: false,
+    };
 }
 
 /// Follows chunked framing (a size line or the trailer section, never chunk data) over
@@ -182,18 +186,31 @@ fn chunk_framing(mut chunk: Chunk, bytes: &[u8]) -> (usize, Body) {
             Chunk::Size { size, digits, ext } => match b {
                 b'\n' if !digits => Body::UntilNextHead,
                 b'\n' if size == 0 => Body::Chunked(Chunk::Trailer { empty: true }),
-                b'\n' => size.checked_add(2).map_or(Body::UntilNextHead, |n| Body::Chunked(Chunk::Data(n))),
+                b'\n' => size
+                    .checked_add(2)
+                    .map_or(Body::UntilNextHead, |n| Body::Chunked(Chunk::Data(n))),
                 _ if ext => continue,
                 _ => match char::from(b).to_digit(16) {
-                    Some(d) => match size.checked_mul(16).and_then(|s| s.checked_add(u64::from(d))) {
+                    Some(d) => match size
+                        .checked_mul(16)
+                        .and_then(|s| s.checked_add(u64::from(d)))
+                    {
                         Some(size) => {
-                            chunk = Chunk::Size { size, digits: true, ext };
+                            chunk = Chunk::Size {
+                                size,
+                                digits: true,
+                                ext,
+                            };
                             continue;
                         }
                         None => Body::UntilNextHead,
                     },
                     None if digits => {
-                        chunk = Chunk::Size { size, digits, ext: true };
+                        chunk = Chunk::Size {
+                            size,
+                            digits,
+                            ext: true,
+                        };
                         continue;
                     }
                     None => Body::UntilNextHead,
@@ -232,7 +249,12 @@ struct Stream {
 
 impl Default for Stream {
     fn default() -> Self {
-        Self { head: Vec::new(), head_stamp: Stamp::default(), head_truncated: false, body: Body::None }
+        Self {
+            head: Vec::new(),
+            head_stamp: Stamp::default(),
+            head_truncated: false,
+            body: Body::None,
+        }
     }
 }
 
@@ -277,7 +299,11 @@ impl Stream {
             match self.body {
                 Body::Length(n) => {
                     let skip = n.min(remaining_total);
-                    self.body = if skip == n { Body::None } else { Body::Length(n - skip) };
+                    self.body = if skip == n {
+                        Body::None
+                    } else {
+                        Body::Length(n - skip)
+                    };
                     if skip == n {
                         heads.push(Piece::BodyEnd(stamp));
                     }
@@ -286,7 +312,11 @@ impl Stream {
                 }
                 Body::Chunked(Chunk::Data(n)) => {
                     let skip = n.min(remaining_total);
-                    self.body = Body::Chunked(if skip == n { Chunk::START } else { Chunk::Data(n - skip) });
+                    self.body = Body::Chunked(if skip == n {
+                        Chunk::START
+                    } else {
+                        Chunk::Data(n - skip)
+                    });
                     at += skip as usize;
                     continue;
                 }
@@ -388,7 +418,11 @@ fn request_head_info(buf: &[u8]) -> Option<(usize, Body)> {
 /// As [`request_head_info`], for the response to the `answered`-th request in flight (when
 /// final: 1xx answer nothing). Counts the final and malformed heads it sees in `answered`, as
 /// `on_data` pops a request for each.
-fn response_head_info(buf: &[u8], in_flight: &VecDeque<Pending>, answered: &mut usize) -> Option<(usize, Body)> {
+fn response_head_info(
+    buf: &[u8],
+    in_flight: &VecDeque<Pending>,
+    answered: &mut usize,
+) -> Option<(usize, Body)> {
     let head = match http::parse_response_head(buf) {
         Ok(head) => head,
         Err(http::HttpError::Incomplete) => return None,
@@ -401,7 +435,9 @@ fn response_head_info(buf: &[u8], in_flight: &VecDeque<Pending>, answered: &mut 
     if head.status < 200 {
         return Some((len, Body::None));
     }
-    let to_head = in_flight.get(*answered).is_some_and(|request| request.method == "HEAD");
+    let to_head = in_flight
+        .get(*answered)
+        .is_some_and(|request| request.method == "HEAD");
     *answered += 1;
     // A response to HEAD, 204 and 304 have no body (RFC 9112 §6.3), whatever they declare.
     if to_head || head.status == 204 || head.status == 304 {
@@ -477,7 +513,12 @@ struct SpanEnv<'a> {
 
 impl Assembler {
     pub fn new(config: Config) -> Self {
-        Self { config, sockets: HashMap::new(), nic: None, stats: Stats::default() }
+        Self {
+            config,
+            sockets: HashMap::new(),
+            nic: None,
+            stats: Stats::default(),
+        }
     }
 
     /// Uses the NIC layer's timestamps for request and response first bytes.
@@ -487,7 +528,9 @@ impl Assembler {
     }
 
     pub fn on_conn(&mut self, event: &ConnEvent, out: &mut Vec<HopSpan>) {
-        let Some(span) = conn_spans::span_for(event) else { return };
+        let Some(span) = conn_spans::span_for(event) else {
+            return;
+        };
         let transition = ConnTransition::classify(event.oldstate, event.newstate);
         match transition {
             Some(ConnTransition::ConnectDone | ConnTransition::AcceptDone) => {
@@ -504,7 +547,11 @@ impl Assembler {
                     out.push(span);
                 }
             }
-            Some(ConnTransition::Aborted | ConnTransition::AcceptFailed | ConnTransition::ConnectFailed) => {
+            Some(
+                ConnTransition::Aborted
+                | ConnTransition::AcceptFailed
+                | ConnTransition::ConnectFailed,
+            ) => {
                 self.forget(event.skaddr, out);
                 out.push(span);
             }
@@ -523,9 +570,24 @@ impl Assembler {
         let captured = usize::from(event.captured).min(event.data.len());
         let data = &event.data[..captured];
         let sending = event.direction == DIRECTION_SEND;
-        let Self { config, sockets, stats, nic } = self;
-        let env = SpanEnv { layers: config.layers, layer_spans: config.layer_spans, nic: nic.as_deref() };
-        let Some(socket) = tracked(sockets, stats, config.max_sockets, event.skaddr, event.header.ts_ns) else {
+        let Self {
+            config,
+            sockets,
+            stats,
+            nic,
+        } = self;
+        let env = SpanEnv {
+            layers: config.layers,
+            layer_spans: config.layer_spans,
+            nic: nic.as_deref(),
+        };
+        let Some(socket) = tracked(
+            sockets,
+            stats,
+            config.max_sockets,
+            event.skaddr,
+            event.header.ts_ns,
+        ) else {
             return;
         };
         // Addresses don't change; the owner may (a socket passed on): refresh only then, not for
@@ -535,7 +597,11 @@ impl Assembler {
         }
         if socket.side.is_none() {
             // A connection older than the agent: who is the client shows in the first bytes.
-            socket.side = match (sending, http::looks_like_request(data), http::looks_like_response(data)) {
+            socket.side = match (
+                sending,
+                http::looks_like_request(data),
+                http::looks_like_response(data),
+            ) {
                 (true, true, _) | (false, _, true) => Some(Side::Client),
                 (false, true, _) | (true, _, true) => Some(Side::Server),
                 _ => {
@@ -546,13 +612,31 @@ impl Assembler {
         }
         let side = socket.side.unwrap_or(Side::Client);
         let carries_requests = (side == Side::Client) == sending;
-        let stream = if sending { &mut socket.outgoing } else { &mut socket.incoming };
+        let stream = if sending {
+            &mut socket.outgoing
+        } else {
+            &mut socket.incoming
+        };
         let heads = if carries_requests {
-            stream.feed(data, u64::from(event.len), stamp, http::looks_like_request, request_head_info, stats)
+            stream.feed(
+                data,
+                u64::from(event.len),
+                stamp,
+                http::looks_like_request,
+                request_head_info,
+                stats,
+            )
         } else {
             let (in_flight, mut answered) = (&socket.in_flight, 0);
             let info = |buf: &[u8]| response_head_info(buf, in_flight, &mut answered);
-            stream.feed(data, u64::from(event.len), stamp, http::looks_like_response, info, stats)
+            stream.feed(
+                data,
+                u64::from(event.len),
+                stamp,
+                http::looks_like_response,
+                info,
+                stats,
+            )
         };
         for piece in heads {
             let head = match piece {
@@ -567,7 +651,8 @@ impl Assembler {
             if carries_requests {
                 let first = socket.requests_seen == 0;
                 socket.requests_seen += 1;
-                let Some(pending) = parse_request(&head, first, config.untraced, config.sampler, stats)
+                let Some(pending) =
+                    parse_request(&head, first, config.untraced, config.sampler, stats)
                 else {
                     continue;
                 };
@@ -595,11 +680,30 @@ impl Assembler {
                     stats.responses_unmatched += 1;
                     continue;
                 };
-                let held_handshake = if request.first_on_connection { socket.held_handshake.take() } else { None };
-                let answer = Answer { request, head: head.stamp, status: response.status, held_handshake };
+                let held_handshake = if request.first_on_connection {
+                    socket.held_handshake.take()
+                } else {
+                    None
+                };
+                let answer = Answer {
+                    request,
+                    head: head.stamp,
+                    status: response.status,
+                    held_handshake,
+                };
                 match head.body {
-                    Body::None => finish(answer, Some(head.stamp), side, &socket.endpoint, &env, stats, out),
-                    Body::UntilNextHead => finish(answer, None, side, &socket.endpoint, &env, stats, out),
+                    Body::None => finish(
+                        answer,
+                        Some(head.stamp),
+                        side,
+                        &socket.endpoint,
+                        &env,
+                        stats,
+                        out,
+                    ),
+                    Body::UntilNextHead => {
+                        finish(answer, None, side, &socket.endpoint, &env, stats, out)
+                    }
                     Body::Length(_) | Body::Chunked(_) => socket.answering = Some(answer),
                 }
             }
@@ -612,7 +716,11 @@ impl Assembler {
         let idle = self.config.idle_ns;
         let mut idle_sockets = Vec::new();
         for (addr, socket) in &mut self.sockets {
-            if socket.held_handshake.as_ref().is_some_and(|(_, at)| now_ns.saturating_sub(*at) > hold) {
+            if socket
+                .held_handshake
+                .as_ref()
+                .is_some_and(|(_, at)| now_ns.saturating_sub(*at) > hold)
+            {
                 out.extend(socket.held_handshake.take().map(|(span, _)| span));
             }
             if now_ns.saturating_sub(socket.last_ns) > idle {
@@ -642,14 +750,28 @@ impl Assembler {
                     layer_spans: self.config.layer_spans,
                     nic: self.nic.as_deref(),
                 };
-                finish(answer, None, side, &socket.endpoint, &env, &mut self.stats, out);
+                finish(
+                    answer,
+                    None,
+                    side,
+                    &socket.endpoint,
+                    &env,
+                    &mut self.stats,
+                    out,
+                );
             }
             out.extend(socket.held_handshake.map(|(span, _)| span));
         }
     }
 
     fn socket(&mut self, addr: u64, now_ns: u64) -> Option<&mut Socket> {
-        tracked(&mut self.sockets, &mut self.stats, self.config.max_sockets, addr, now_ns)
+        tracked(
+            &mut self.sockets,
+            &mut self.stats,
+            self.config.max_sockets,
+            addr,
+            now_ns,
+        )
     }
 }
 
@@ -704,7 +826,15 @@ fn parse_request(
     let (ids, origin, keep) = match parsed {
         Ok(parent) => {
             let keep = sampler.keep(&parent.trace_id, Some(parent.sampled()));
-            (Some(SpanIds::child(parent.trace_id, parent.parent_id, trace_state)), "traceparent", keep)
+            (
+                Some(SpanIds::child(
+                    parent.trace_id,
+                    parent.parent_id,
+                    trace_state,
+                )),
+                "traceparent",
+                keep,
+            )
         }
         Err(reason) => {
             if reason != "absent" {
@@ -772,7 +902,12 @@ fn build_spans(
     end: Option<Stamp>,
     env: &SpanEnv<'_>,
 ) -> Option<Vec<HopSpan>> {
-    let Answer { request, head: response, status, held_handshake } = answer;
+    let Answer {
+        request,
+        head: response,
+        status,
+        held_handshake,
+    } = answer;
     let last = end.unwrap_or(response);
     // The NIC times of the request's and the response's first segments, where the layer exists
     // and the first byte started a segment.
@@ -793,14 +928,23 @@ fn build_spans(
         ("network.protocol.version", "1.1".into()),
         ("hoptrace.layers", layers.into()),
         ("hoptrace.trace_origin", request.trace_origin.into()),
-        ("hoptrace.connection.first_request", request.first_on_connection.into()),
+        (
+            "hoptrace.connection.first_request",
+            request.first_on_connection.into(),
+        ),
     ];
     attributes.extend(endpoint_attributes(endpoint, side));
     if request.truncated {
-        attributes.push(("hoptrace.uncertain", "request head larger than the captured prefix".into()));
+        attributes.push((
+            "hoptrace.uncertain",
+            "request head larger than the captured prefix".into(),
+        ));
     }
     if end.is_none() {
-        attributes.push(("hoptrace.uncertain", "end: the response body's end was not seen; ends at its first byte".into()));
+        attributes.push((
+            "hoptrace.uncertain",
+            "end: the response body's end was not seen; ends at its first byte".into(),
+        ));
     }
     let error = (status >= 500 && side == Side::Server).then(|| format!("HTTP {status}"));
     let mut spans = Vec::new();
@@ -830,7 +974,8 @@ fn build_spans(
                 // The request that opened its connection includes the connect, as its child.
                 if handshake.start_ns <= start {
                     start = handshake.start_ns;
-                    handshake.ids = SpanIds::child(ids.trace_id, ids.span_id, ids.trace_state.clone());
+                    handshake.ids =
+                        SpanIds::child(ids.trace_id, ids.span_id, ids.trace_state.clone());
                     handshake_child = Some(handshake);
                 } else {
                     spans.push(handshake);
@@ -861,12 +1006,19 @@ fn build_spans(
             };
             // The response left when TCP had queued its last byte, or when its first segment
             // crossed the NIC, whichever came later.
-            let queued = if last.tcp_ns != 0 { last.tcp_ns } else { last.exit_ns };
+            let queued = if last.tcp_ns != 0 {
+                last.tcp_ns
+            } else {
+                last.exit_ns
+            };
             let left = nic_at(&response, true);
             let end = queued.max(left.unwrap_or(0)).max(start);
             let mut attributes = with_hop(attributes, HOP_PERSONA);
             if !start_known {
-                attributes.push(("hoptrace.uncertain", "start: arrival at TCP not seen; from the application's read".into()));
+                attributes.push((
+                    "hoptrace.uncertain",
+                    "start: arrival at TCP not seen; from the application's read".into(),
+                ));
             }
             let kernel_rx = req.exit_ns.saturating_sub(start);
             let app = response.enter_ns.saturating_sub(req.exit_ns);
@@ -900,7 +1052,10 @@ fn build_spans(
                 // (a child never starts before its parent).
                 handshake.ids = match ids.parent_id {
                     Some(parent) => SpanIds::child(ids.trace_id, parent, ids.trace_state.clone()),
-                    None => SpanIds { span_id: handshake.ids.span_id, ..ids.clone() },
+                    None => SpanIds {
+                        span_id: handshake.ids.span_id,
+                        ..ids.clone()
+                    },
                 };
                 spans.push(handshake);
             }
@@ -929,7 +1084,10 @@ fn build_spans(
     Some(spans)
 }
 
-fn with_hop(mut attributes: Vec<(&'static str, Value)>, hop: &'static str) -> Vec<(&'static str, Value)> {
+fn with_hop(
+    mut attributes: Vec<(&'static str, Value)>,
+    hop: &'static str,
+) -> Vec<(&'static str, Value)> {
     attributes.insert(0, ("hoptrace.hop", hop.into()));
     attributes
 }
@@ -944,7 +1102,11 @@ fn endpoint_attributes(endpoint: &Endpoint, side: Side) -> Vec<(&'static str, Va
         attributes.push(("network.peer.address", ip.to_string().into()));
         attributes.push(("network.peer.port", i64::from(port).into()));
     }
-    let server = if side == Side::Client { endpoint.peer } else { endpoint.local };
+    let server = if side == Side::Client {
+        endpoint.peer
+    } else {
+        endpoint.local
+    };
     if let Some((ip, port)) = server {
         attributes.push(("server.address", ip.to_string().into()));
         attributes.push(("server.port", i64::from(port).into()));

@@ -36,7 +36,12 @@ fn record(sk: u64, direction: u8, bytes: &[u8], at: At) -> DataEvent {
     let captured = bytes.len().min(MAX_CAPTURE);
     data[..captured].copy_from_slice(&bytes[..captured]);
     DataEvent {
-        header: EventHeader { kind: kind::DATA, _pad: [0; 3], tgid: 4242, ts_ns: us(at.2) },
+        header: EventHeader {
+            kind: kind::DATA,
+            _pad: [0; 3],
+            tgid: 4242,
+            ts_ns: us(at.2),
+        },
         skaddr: sk,
         enter_ns: us(at.0),
         tcp_ns: us(at.1),
@@ -67,7 +72,12 @@ fn cut(mut event: DataEvent, captured: usize) -> DataEvent {
 
 fn conn_event(sk: u64, old: u8, new: u8, phase_start_us: u64, at_us: u64) -> ConnEvent {
     ConnEvent {
-        header: EventHeader { kind: kind::CONN, _pad: [0; 3], tgid: 4242, ts_ns: us(at_us) },
+        header: EventHeader {
+            kind: kind::CONN,
+            _pad: [0; 3],
+            tgid: 4242,
+            ts_ns: us(at_us),
+        },
         skaddr: sk,
         phase_start_ns: us(phase_start_us),
         netns_ino: 4_026_532_000,
@@ -94,16 +104,25 @@ struct Replay {
 impl Replay {
     fn new() -> Self {
         // Layer child spans on, so their boundaries are checked too.
-        Self::with(Config { layer_spans: true, ..Config::default() })
+        Self::with(Config {
+            layer_spans: true,
+            ..Config::default()
+        })
     }
 
     fn with(config: Config) -> Self {
-        Self { asm: Assembler::new(config), out: Vec::new() }
+        Self {
+            asm: Assembler::new(config),
+            out: Vec::new(),
+        }
     }
 
     /// connect() at `start`, SYN-ACK at `established` (µs).
     fn connect(&mut self, sk: u64, start: u64, established: u64) {
-        self.asm.on_conn(&conn_event(sk, SYN_SENT, ESTABLISHED, start, established), &mut self.out);
+        self.asm.on_conn(
+            &conn_event(sk, SYN_SENT, ESTABLISHED, start, established),
+            &mut self.out,
+        );
     }
 
     /// The server side's handshake completing at `established`, `srtt` µs after the SYN-ACK.
@@ -166,7 +185,10 @@ fn ok(body: &str) -> Vec<u8> {
 
 /// The request spans (agent or persona hop), in output order.
 fn hops(spans: &[HopSpan]) -> Vec<&HopSpan> {
-    spans.iter().filter(|s| s.attr("http.request.method").is_some()).collect()
+    spans
+        .iter()
+        .filter(|s| s.attr("http.request.method").is_some())
+        .collect()
 }
 
 fn only_hop(spans: &[HopSpan]) -> &HopSpan {
@@ -178,7 +200,9 @@ fn only_hop(spans: &[HopSpan]) -> &HopSpan {
 fn children<'a>(spans: &'a [HopSpan], parent: &HopSpan) -> Vec<&'a HopSpan> {
     spans
         .iter()
-        .filter(|s| s.ids.trace_id == parent.ids.trace_id && s.ids.parent_id == Some(parent.ids.span_id))
+        .filter(|s| {
+            s.ids.trace_id == parent.ids.trace_id && s.ids.parent_id == Some(parent.ids.span_id)
+        })
         .collect()
 }
 
@@ -222,16 +246,27 @@ fn keep_alive_gives_a_span_per_request_and_the_connect_only_to_the_first() {
     let mut post = request("POST", "/c", "Content-Length: 5\r\n");
     post.extend_from_slice(b"hello");
     r.send(SK, post, At(6_000, 6_010, 6_020));
-    r.recv(SK, response(201, "Content-Length: 0\r\n", ""), At(6_030, 6_900, 7_000));
+    r.recv(
+        SK,
+        response(201, "Content-Length: 0\r\n", ""),
+        At(6_030, 6_900, 7_000),
+    );
     let spans = r.take();
 
     let hops = hops(&spans);
     assert_eq!(hops.len(), 3, "{spans:#?}");
     assert_eq!(spans.len(), 4, "three requests and the connect");
-    let names: Vec<_> = hops.iter().map(|s| (s.name.as_ref(), path(s), status(s))).collect();
+    let names: Vec<_> = hops
+        .iter()
+        .map(|s| (s.name.as_ref(), path(s), status(s)))
+        .collect();
     assert_eq!(
         names,
-        [("GET", "/a".to_string(), 200), ("GET", "/b".to_string(), 200), ("POST", "/c".to_string(), 201)]
+        [
+            ("GET", "/a".to_string(), 200),
+            ("GET", "/b".to_string(), 200),
+            ("POST", "/c".to_string(), 201)
+        ]
     );
     for hop in &hops {
         assert_eq!(hop.role, Role::Client);
@@ -245,11 +280,24 @@ fn keep_alive_gives_a_span_per_request_and_the_connect_only_to_the_first() {
     let connect = children(&spans, hops[0]);
     assert_eq!(connect.len(), 1);
     assert_eq!(connect[0].name, conn_spans::CONNECT);
-    assert_eq!((connect[0].start_ns, connect[0].end_ns), (us(1_000), us(1_500)));
+    assert_eq!(
+        (connect[0].start_ns, connect[0].end_ns),
+        (us(1_000), us(1_500))
+    );
     assert!(children(&spans, hops[1]).is_empty() && children(&spans, hops[2]).is_empty());
     assert_eq!(named(&spans, conn_spans::CONNECT).len(), 1);
-    let first: Vec<_> = hops.iter().map(|s| s.attr("hoptrace.connection.first_request")).collect();
-    assert_eq!(first, [Some(&Value::Bool(true)), Some(&Value::Bool(false)), Some(&Value::Bool(false))]);
+    let first: Vec<_> = hops
+        .iter()
+        .map(|s| s.attr("hoptrace.connection.first_request"))
+        .collect();
+    assert_eq!(
+        first,
+        [
+            Some(&Value::Bool(true)),
+            Some(&Value::Bool(false)),
+            Some(&Value::Bool(false))
+        ]
+    );
     // Events: the layers' instants, in the span.
     assert_eq!(
         hops[1].events,
@@ -281,7 +329,10 @@ fn pipelined_requests_in_one_record_keep_their_order() {
     responses.extend(response(203, "Content-Length: 4\r\n", "r3r3"));
     r.recv(SK, &responses, At(1_010, 1_900, 2_000));
     let spans = r.take();
-    let got: Vec<_> = hops(&spans).iter().map(|s| (path(s), status(s), s.start_ns, s.end_ns)).collect();
+    let got: Vec<_> = hops(&spans)
+        .iter()
+        .map(|s| (path(s), status(s), s.start_ns, s.end_ns))
+        .collect();
     assert_eq!(
         got,
         [
@@ -294,14 +345,33 @@ fn pipelined_requests_in_one_record_keep_their_order() {
     // Responses one per record: each request ends with its own.
     let mut r = Replay::new();
     r.send(SK, &requests, At(1_000, 1_001, 1_002));
-    r.recv(SK, response(201, "Content-Length: 2\r\n", "r1"), At(1_010, 1_900, 2_000));
-    r.recv(SK, response(202, "Content-Length: 0\r\n", ""), At(2_010, 2_900, 3_000));
-    r.recv(SK, response(203, "Content-Length: 4\r\n", "r3r3"), At(3_010, 3_900, 4_000));
+    r.recv(
+        SK,
+        response(201, "Content-Length: 2\r\n", "r1"),
+        At(1_010, 1_900, 2_000),
+    );
+    r.recv(
+        SK,
+        response(202, "Content-Length: 0\r\n", ""),
+        At(2_010, 2_900, 3_000),
+    );
+    r.recv(
+        SK,
+        response(203, "Content-Length: 4\r\n", "r3r3"),
+        At(3_010, 3_900, 4_000),
+    );
     let spans = r.take();
-    let got: Vec<_> = hops(&spans).iter().map(|s| (path(s), status(s), s.end_ns)).collect();
+    let got: Vec<_> = hops(&spans)
+        .iter()
+        .map(|s| (path(s), status(s), s.end_ns))
+        .collect();
     assert_eq!(
         got,
-        [("/1".to_string(), 201, us(2_000)), ("/2".to_string(), 202, us(3_000)), ("/3".to_string(), 203, us(4_000))]
+        [
+            ("/1".to_string(), 201, us(2_000)),
+            ("/2".to_string(), 202, us(3_000)),
+            ("/3".to_string(), 203, us(4_000))
+        ]
     );
     assert_eq!((r.stats().requests, r.stats().spans), (3, 3));
     assert_eq!(unanswered_and_unmatched(r.stats()), (0, 0));
@@ -345,9 +415,17 @@ fn a_head_split_inside_its_blank_line_ends_where_it_should() {
         r.recv(SK, responses, At(1_200, 1_900, 2_000));
         let spans = r.take();
         let got: Vec<_> = hops(&spans).iter().map(|s| (path(s), s.start_ns)).collect();
-        assert_eq!(got, [("/x".to_string(), us(1_000)), ("/y".to_string(), us(1_100))], "split {split}");
+        assert_eq!(
+            got,
+            [("/x".to_string(), us(1_000)), ("/y".to_string(), us(1_100))],
+            "split {split}"
+        );
         assert_eq!(hops(&spans)[0].ids.trace_id, TP_TRACE);
-        assert_eq!(r.stats().heads_malformed + r.stats().non_http_records, 0, "split {split}");
+        assert_eq!(
+            r.stats().heads_malformed + r.stats().non_http_records,
+            0,
+            "split {split}"
+        );
     }
 }
 
@@ -368,14 +446,31 @@ fn content_length_bodies_are_skipped_even_when_they_look_like_responses() {
     // Larger than the capture: only its first 1024 bytes are seen, all of it is body.
     r.recv(SK, &body[1_524..2_900], At(2_200, 2_201, 2_202));
     // Moved but not copied at all.
-    r.data(&cut(record(SK, DIRECTION_RECV, &body[2_900..], At(2_300, 2_301, 2_302)), 0));
+    r.data(&cut(
+        record(SK, DIRECTION_RECV, &body[2_900..], At(2_300, 2_301, 2_302)),
+        0,
+    ));
     r.send(SK, get("/next"), At(3_000, 3_001, 3_002));
     r.recv(SK, response(204, "", ""), At(3_100, 3_900, 4_000));
     let spans = r.take();
-    let got: Vec<_> = hops(&spans).iter().map(|s| (path(s), status(s), s.end_ns)).collect();
+    let got: Vec<_> = hops(&spans)
+        .iter()
+        .map(|s| (path(s), status(s), s.end_ns))
+        .collect();
     // The span ends when the body's last byte reached the application (the uncaptured record).
-    assert_eq!(got, [("/big".to_string(), 200, us(2_302)), ("/next".to_string(), 204, us(4_000))]);
-    assert!(hops(&spans)[0].events.iter().any(|(name, ns)| *name == "response.complete" && *ns == us(2_302)));
+    assert_eq!(
+        got,
+        [
+            ("/big".to_string(), 200, us(2_302)),
+            ("/next".to_string(), 204, us(4_000))
+        ]
+    );
+    assert!(
+        hops(&spans)[0]
+            .events
+            .iter()
+            .any(|(name, ns)| *name == "response.complete" && *ns == us(2_302))
+    );
     assert_eq!(unanswered_and_unmatched(r.stats()), (0, 0));
     assert_eq!(r.stats().non_http_records + r.stats().heads_malformed, 0);
 }
@@ -392,8 +487,12 @@ fn a_response_cut_off_by_a_reset_ends_at_its_first_byte_and_says_so() {
     let spans = r.take();
     let hop = hops(&spans)[0];
     assert_eq!(hop.end_ns, us(2_000));
-    assert!(hop.attributes.iter().any(|(k, v)| *k == "hoptrace.uncertain"
-        && matches!(v, Value::Str(text) if text.contains("body's end"))));
+    assert!(
+        hop.attributes
+            .iter()
+            .any(|(k, v)| *k == "hoptrace.uncertain"
+                && matches!(v, Value::Str(text) if text.contains("body's end")))
+    );
 }
 
 #[test]
@@ -402,10 +501,18 @@ fn a_chunked_response_then_another_on_the_same_connection() {
     let mut r = Replay::new();
     r.connect(SK, 1_000, 1_100);
     r.send(SK, get("/c1"), At(1_200, 1_201, 1_202));
-    r.recv(SK, response(200, chunked, "5\r\nhello\r\n"), At(1_300, 1_900, 2_000));
+    r.recv(
+        SK,
+        response(200, chunked, "5\r\nhello\r\n"),
+        At(1_300, 1_900, 2_000),
+    );
     r.recv(SK, "6\r\n world\r\n0\r\n\r\n", At(2_100, 2_101, 2_102));
     r.send(SK, get("/c2"), At(3_000, 3_001, 3_002));
-    r.recv(SK, response(200, chunked, "2\r\nok\r\n0\r\n\r\n"), At(3_100, 3_900, 4_000));
+    r.recv(
+        SK,
+        response(200, chunked, "2\r\nok\r\n0\r\n\r\n"),
+        At(3_100, 3_900, 4_000),
+    );
     r.send(SK, get("/c3"), At(5_000, 5_001, 5_002));
     r.recv(SK, ok("done"), At(5_100, 5_900, 6_000));
     let spans = r.take();
@@ -413,7 +520,11 @@ fn a_chunked_response_then_another_on_the_same_connection() {
     assert_eq!(
         got,
         // /c1's last chunk came in the second record.
-        [("/c1".to_string(), us(2_102)), ("/c2".to_string(), us(4_000)), ("/c3".to_string(), us(6_000))]
+        [
+            ("/c1".to_string(), us(2_102)),
+            ("/c2".to_string(), us(4_000)),
+            ("/c3".to_string(), us(6_000))
+        ]
     );
     assert_eq!(unanswered_and_unmatched(r.stats()), (0, 0));
 }
@@ -428,13 +539,28 @@ fn pipelined_chunked_responses_in_one_record_are_each_matched() {
     r.send(SK, requests, At(1_000, 1_001, 1_002));
     // Chunk data that looks like a response, a chunk extension, a trailer field.
     let fake = "HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n";
-    let mut responses = response(201, chunked, &format!("{:x}\r\n{fake}\r\n0\r\n\r\n", fake.len()));
-    responses.extend(response(202, chunked, "3;ext=1\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"));
+    let mut responses = response(
+        201,
+        chunked,
+        &format!("{:x}\r\n{fake}\r\n0\r\n\r\n", fake.len()),
+    );
+    responses.extend(response(
+        202,
+        chunked,
+        "3;ext=1\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n",
+    ));
     responses.extend(ok("3"));
     r.recv(SK, responses, At(1_100, 1_900, 2_000));
     let spans = r.take();
     let got: Vec<_> = hops(&spans).iter().map(|s| (path(s), status(s))).collect();
-    assert_eq!(got, [("/p1".to_string(), 201), ("/p2".to_string(), 202), ("/p3".to_string(), 200)]);
+    assert_eq!(
+        got,
+        [
+            ("/p1".to_string(), 201),
+            ("/p2".to_string(), 202),
+            ("/p3".to_string(), 200)
+        ]
+    );
     assert_eq!(unanswered_and_unmatched(r.stats()), (0, 0));
 }
 
@@ -447,7 +573,11 @@ fn chunked_framing_is_followed_across_records_and_given_up_when_not_captured() {
     // looks like a response, and a trailer field.
     r.recv(SK, response(200, chunked, "1"), At(1_100, 1_900, 2_000));
     r.recv(SK, "a;name=value\r\n", At(2_100, 2_101, 2_102));
-    r.recv(SK, "HTTP/1.1 404 \r\n\r\n\r\n\r\n0\r\n", At(2_200, 2_201, 2_202));
+    r.recv(
+        SK,
+        "HTTP/1.1 404 \r\n\r\n\r\n\r\n0\r\n",
+        At(2_200, 2_201, 2_202),
+    );
     r.recv(SK, "Trailer: x\r\n\r\n", At(2_300, 2_301, 2_302));
     r.send(SK, get("/c2"), At(3_000, 3_001, 3_002));
     // A chunk larger than the capture: its framing after the capture is lost, so the stream
@@ -464,7 +594,10 @@ fn chunked_framing_is_followed_across_records_and_given_up_when_not_captured() {
     r.send(SK, get("/c4"), At(7_000, 7_001, 7_002));
     r.recv(SK, ok("4"), At(7_100, 7_900, 8_000));
     let spans = r.take();
-    let got: Vec<_> = hops(&spans).iter().map(|s| (path(s), status(s), s.end_ns)).collect();
+    let got: Vec<_> = hops(&spans)
+        .iter()
+        .map(|s| (path(s), status(s), s.end_ns))
+        .collect();
     assert_eq!(
         got,
         [
@@ -489,10 +622,16 @@ fn a_chunked_request_body_then_a_pipelined_request_on_a_server() {
     r.send(SK, ok("a"), At(1_500, 1_510, 1_520));
     r.send(SK, ok("b"), At(1_600, 1_610, 1_620));
     let spans = r.take();
-    let got: Vec<_> = hops(&spans).iter().map(|s| (s.name.to_string(), path(s), s.end_ns)).collect();
+    let got: Vec<_> = hops(&spans)
+        .iter()
+        .map(|s| (s.name.to_string(), path(s), s.end_ns))
+        .collect();
     assert_eq!(
         got,
-        [("POST".to_string(), "/upload".to_string(), us(1_510)), ("GET".to_string(), "/then".to_string(), us(1_610))]
+        [
+            ("POST".to_string(), "/upload".to_string(), us(1_510)),
+            ("GET".to_string(), "/then".to_string(), us(1_610))
+        ]
     );
     assert_eq!(hops(&spans)[1].ids.trace_id, TP_TRACE);
     assert_eq!(unanswered_and_unmatched(r.stats()), (0, 0));
@@ -504,11 +643,23 @@ fn a_malformed_response_still_answers_its_request() {
     let mut requests = get("/1");
     requests.extend(get("/2"));
     r.send(SK, requests, At(1_000, 1_001, 1_002));
-    r.recv(SK, "HTTP/1.1 200 OK\r\nBad Header: 1\r\n\r\n", At(1_100, 1_900, 2_000));
-    r.recv(SK, response(202, "Content-Length: 0\r\n", ""), At(2_100, 2_900, 3_000));
+    r.recv(
+        SK,
+        "HTTP/1.1 200 OK\r\nBad Header: 1\r\n\r\n",
+        At(1_100, 1_900, 2_000),
+    );
+    r.recv(
+        SK,
+        response(202, "Content-Length: 0\r\n", ""),
+        At(2_100, 2_900, 3_000),
+    );
     let spans = r.take();
     let hop = only_hop(&spans);
-    assert_eq!((path(hop), status(hop)), ("/2".to_string(), 202), "not matched to /1");
+    assert_eq!(
+        (path(hop), status(hop)),
+        ("/2".to_string(), 202),
+        "not matched to /1"
+    );
     assert_eq!(r.stats().heads_malformed, 1);
     assert_eq!(unanswered_and_unmatched(r.stats()), (0, 0));
 }
@@ -518,14 +669,25 @@ fn a_response_without_length_runs_until_close() {
     let mut r = Replay::new();
     r.connect(SK, 1_000, 1_100);
     r.send(SK, get("/stream"), At(1_200, 1_201, 1_202));
-    r.recv(SK, response(200, "Connection: close\r\n", "first bytes"), At(1_300, 1_900, 2_000));
+    r.recv(
+        SK,
+        response(200, "Connection: close\r\n", "first bytes"),
+        At(1_300, 1_900, 2_000),
+    );
     r.recv(SK, [0u8, 1, 2, 0xff, 0x16, 3, 1], At(2_100, 2_101, 2_102));
     r.recv(SK, "more body", At(2_200, 2_201, 2_202));
     let spans = r.take();
     let hop = only_hop(&spans);
     assert_eq!((status(hop), hop.end_ns), (200, us(2_000)));
     let stats = r.stats();
-    assert_eq!((stats.non_http_records, stats.heads_malformed, stats.responses_unmatched), (0, 0, 0));
+    assert_eq!(
+        (
+            stats.non_http_records,
+            stats.heads_malformed,
+            stats.responses_unmatched
+        ),
+        (0, 0, 0)
+    );
 }
 
 #[test]
@@ -533,18 +695,33 @@ fn a_100_continue_is_not_the_response() {
     let expect = "Expect: 100-continue\r\nContent-Length: 5\r\n";
     // Interim and final response in separate records, the body sent in between.
     let mut r = Replay::new();
-    r.send(SK, request("POST", "/upload", expect), At(1_000, 1_001, 1_002));
+    r.send(
+        SK,
+        request("POST", "/upload", expect),
+        At(1_000, 1_001, 1_002),
+    );
     r.recv(SK, "HTTP/1.1 100 Continue\r\n\r\n", At(1_010, 1_500, 1_510));
     assert!(r.out.is_empty());
     r.send(SK, "hello", At(1_600, 1_601, 1_602));
-    r.recv(SK, response(201, "Content-Length: 0\r\n", ""), At(1_700, 2_900, 3_000));
+    r.recv(
+        SK,
+        response(201, "Content-Length: 0\r\n", ""),
+        At(1_700, 2_900, 3_000),
+    );
     let spans = r.take();
     let hop = only_hop(&spans);
-    assert_eq!((status(hop), hop.start_ns, hop.end_ns), (201, us(1_000), us(3_000)));
+    assert_eq!(
+        (status(hop), hop.start_ns, hop.end_ns),
+        (201, us(1_000), us(3_000))
+    );
 
     // Both in one record, then a second request on the connection.
     let mut r = Replay::new();
-    r.send(SK, request("POST", "/upload", expect), At(1_000, 1_001, 1_002));
+    r.send(
+        SK,
+        request("POST", "/upload", expect),
+        At(1_000, 1_001, 1_002),
+    );
     r.send(SK, "hello", At(1_600, 1_601, 1_602));
     let mut both = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
     both.extend(response(200, "Content-Length: 2\r\n", "ok"));
@@ -553,7 +730,10 @@ fn a_100_continue_is_not_the_response() {
     r.recv(SK, ok(""), At(4_100, 4_900, 5_000));
     let spans = r.take();
     let got: Vec<_> = hops(&spans).iter().map(|s| (path(s), status(s))).collect();
-    assert_eq!(got, [("/upload".to_string(), 200), ("/after".to_string(), 200)]);
+    assert_eq!(
+        got,
+        [("/upload".to_string(), 200), ("/after".to_string(), 200)]
+    );
     assert_eq!(unanswered_and_unmatched(r.stats()), (0, 0));
 }
 
@@ -563,7 +743,11 @@ fn a_head_request_response_has_no_body_whatever_its_content_length() {
     // the GET response it stands for.
     let mut r = Replay::new();
     r.send(SK, request("HEAD", "/h", ""), At(1_000, 1_001, 1_002));
-    r.recv(SK, response(200, "Content-Length: 1234\r\n", ""), At(1_100, 1_900, 2_000));
+    r.recv(
+        SK,
+        response(200, "Content-Length: 1234\r\n", ""),
+        At(1_100, 1_900, 2_000),
+    );
     r.send(SK, get("/g"), At(3_000, 3_001, 3_002));
     r.recv(SK, ok("ok"), At(3_100, 3_900, 4_000));
     // Pipelined: HEAD then GET, both responses in one record.
@@ -574,7 +758,10 @@ fn a_head_request_response_has_no_body_whatever_its_content_length() {
     responses.extend(ok("ok"));
     r.recv(SK, responses, At(5_100, 5_900, 6_000));
     let spans = r.take();
-    let got: Vec<_> = hops(&spans).iter().map(|s| (s.name.to_string(), path(s), s.end_ns)).collect();
+    let got: Vec<_> = hops(&spans)
+        .iter()
+        .map(|s| (s.name.to_string(), path(s), s.end_ns))
+        .collect();
     assert_eq!(
         got,
         [
@@ -592,8 +779,16 @@ fn a_malformed_head_is_counted_and_the_next_request_still_parsed() {
     let mut r = Replay::new();
     r.connect(SK, 1_000, 1_100);
     // Whitespace before the colon: RFC 9112 §5.1 says reject.
-    r.send(SK, "GET /bad HTTP/1.1\r\nHost : a\r\n\r\n", At(1_200, 1_201, 1_202));
-    assert_eq!(r.stats().heads_malformed, 1, "counted when seen, not once 16 KiB have piled up");
+    r.send(
+        SK,
+        "GET /bad HTTP/1.1\r\nHost : a\r\n\r\n",
+        At(1_200, 1_201, 1_202),
+    );
+    assert_eq!(
+        r.stats().heads_malformed,
+        1,
+        "counted when seen, not once 16 KiB have piled up"
+    );
     r.recv(SK, ok(""), At(1_300, 1_900, 2_000));
     r.send(SK, get("/good"), At(3_000, 3_001, 3_002));
     r.recv(SK, ok(""), At(3_100, 3_900, 4_000));
@@ -619,9 +814,19 @@ fn a_server_socket_gives_a_persona_span_with_its_three_phases() {
     assert_eq!(hop.role, Role::Server);
     assert_eq!(hop.attr("hoptrace.hop"), Some(&Value::from(HOP_PERSONA)));
     assert_eq!((hop.start_ns, hop.end_ns), (us(1_000), us(1_510)));
-    assert_eq!((hop.ids.trace_id, hop.ids.parent_id), (TP_TRACE, Some(TP_PARENT)));
-    assert_eq!(hop.attr("server.port"), Some(&Value::Int(41_000)), "the local port, on a server");
-    let phases: Vec<_> = children(&spans, hop).iter().map(|c| (c.name.as_ref(), c.start_ns, c.duration_ns())).collect();
+    assert_eq!(
+        (hop.ids.trace_id, hop.ids.parent_id),
+        (TP_TRACE, Some(TP_PARENT))
+    );
+    assert_eq!(
+        hop.attr("server.port"),
+        Some(&Value::Int(41_000)),
+        "the local port, on a server"
+    );
+    let phases: Vec<_> = children(&spans, hop)
+        .iter()
+        .map(|c| (c.name.as_ref(), c.start_ns, c.duration_ns()))
+        .collect();
     assert_eq!(
         phases,
         [
@@ -630,13 +835,25 @@ fn a_server_socket_gives_a_persona_span_with_its_three_phases() {
             ("kernel send", us(1_500), us(10)),
         ]
     );
-    assert_eq!(hop.attr("hoptrace.kernel_receive_ns"), Some(&Value::Int(20_000)));
-    assert_eq!(hop.attr("hoptrace.application_ns"), Some(&Value::Int(480_000)));
-    assert_eq!(hop.attr("hoptrace.kernel_send_ns"), Some(&Value::Int(10_000)));
+    assert_eq!(
+        hop.attr("hoptrace.kernel_receive_ns"),
+        Some(&Value::Int(20_000))
+    );
+    assert_eq!(
+        hop.attr("hoptrace.application_ns"),
+        Some(&Value::Int(480_000))
+    );
+    assert_eq!(
+        hop.attr("hoptrace.kernel_send_ns"),
+        Some(&Value::Int(10_000))
+    );
     // The accept (SYN at 800 µs) is a sibling under the caller's span, not a child.
     let accept = named(&spans, conn_spans::ACCEPT);
     assert_eq!(accept.len(), 1);
-    assert_eq!((accept[0].ids.trace_id, accept[0].ids.parent_id), (TP_TRACE, Some(TP_PARENT)));
+    assert_eq!(
+        (accept[0].ids.trace_id, accept[0].ids.parent_id),
+        (TP_TRACE, Some(TP_PARENT))
+    );
     assert_eq!((accept[0].start_ns, accept[0].end_ns), (us(800), us(900)));
     assert_eq!(spans.len(), 5);
 
@@ -648,7 +865,10 @@ fn a_server_socket_gives_a_persona_span_with_its_three_phases() {
     let hop = only_hop(&spans);
     assert_eq!((hop.start_ns, hop.end_ns), (us(2_020), us(2_120)));
     assert!(hop.attr("hoptrace.uncertain").is_some());
-    let phases: Vec<_> = children(&spans, hop).iter().map(|c| c.name.as_ref()).collect();
+    let phases: Vec<_> = children(&spans, hop)
+        .iter()
+        .map(|c| c.name.as_ref())
+        .collect();
     assert_eq!(phases, ["application"]);
     assert!(named(&spans, conn_spans::ACCEPT).is_empty());
 }
@@ -657,7 +877,11 @@ fn a_server_socket_gives_a_persona_span_with_its_three_phases() {
 fn a_server_socket_older_than_the_agent_is_recognised_by_its_first_bytes() {
     let mut r = Replay::new();
     r.recv(SK, get("/old"), At(1_000, 990, 1_010));
-    r.send(SK, response(503, "Content-Length: 0\r\n", ""), At(1_100, 1_105, 1_110));
+    r.send(
+        SK,
+        response(503, "Content-Length: 0\r\n", ""),
+        At(1_100, 1_105, 1_110),
+    );
     let spans = r.take();
     let hop = only_hop(&spans);
     assert_eq!((hop.role, status(hop)), (Role::Server, 503));
@@ -676,9 +900,16 @@ fn a_valid_traceparent_makes_the_span_a_child_of_the_caller() {
     let spans = r.take();
     let hop = only_hop(&spans);
     assert_eq!(hop.ids.trace_id, TP_TRACE);
-    assert_eq!(hop.ids.parent_id, Some(TP_PARENT), "the parent is remote: the caller's span");
+    assert_eq!(
+        hop.ids.parent_id,
+        Some(TP_PARENT),
+        "the parent is remote: the caller's span"
+    );
     assert_ne!(hop.ids.span_id, TP_PARENT);
-    assert_eq!(hop.ids.trace_state.as_deref(), Some("rojo=00f067aa0ba902b7"));
+    assert_eq!(
+        hop.ids.trace_state.as_deref(),
+        Some("rojo=00f067aa0ba902b7")
+    );
     assert_eq!(origin(hop), Some(&Value::from("traceparent")));
     assert!(r.stats().traceparent_invalid.is_empty());
 }
@@ -690,9 +921,18 @@ fn invalid_traceparents_are_counted_by_reason_and_never_exported() {
         (format!("traceparent: {uppercase}\r\n"), "uppercase_hex"),
         (format!("traceparent: {}\r\n", &TP[..54]), "length"),
         (format!("traceparent: {TP}0\r\n"), "length"),
-        ("traceparent: 00-00000000000000000000000000000000-00f067aa0ba902b7-01\r\n".to_string(), "zero_trace_id"),
-        ("traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01\r\n".to_string(), "zero_parent_id"),
-        (format!("traceparent: {TP}\r\ntraceparent: {TP}\r\n"), "duplicate"),
+        (
+            "traceparent: 00-00000000000000000000000000000000-00f067aa0ba902b7-01\r\n".to_string(),
+            "zero_trace_id",
+        ),
+        (
+            "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01\r\n".to_string(),
+            "zero_parent_id",
+        ),
+        (
+            format!("traceparent: {TP}\r\ntraceparent: {TP}\r\n"),
+            "duplicate",
+        ),
     ];
     for (headers, reason) in cases {
         let mut r = Replay::new();
@@ -703,8 +943,16 @@ fn invalid_traceparents_are_counted_by_reason_and_never_exported() {
         assert_ne!(hop.ids.trace_id, TP_TRACE, "{reason}");
         assert_ne!(hop.ids.trace_id, [0; 16], "{reason}");
         assert_eq!(hop.ids.parent_id, None, "{reason}: a new trace");
-        assert_eq!(origin(hop), Some(&Value::from("hoptrace (invalid traceparent ignored)")), "{reason}");
-        assert_eq!(r.stats().traceparent_invalid, BTreeMap::from([(reason, 1)]), "{reason}");
+        assert_eq!(
+            origin(hop),
+            Some(&Value::from("hoptrace (invalid traceparent ignored)")),
+            "{reason}"
+        );
+        assert_eq!(
+            r.stats().traceparent_invalid,
+            BTreeMap::from([(reason, 1)]),
+            "{reason}"
+        );
     }
 }
 
@@ -712,28 +960,49 @@ fn invalid_traceparents_are_counted_by_reason_and_never_exported() {
 fn an_unsampled_caller_gives_no_span() {
     let mut r = Replay::new();
     let unsampled = TP.replace("-01", "-00");
-    r.send(SK, request("GET", "/t", &format!("traceparent: {unsampled}\r\n")), At(1_000, 1_001, 1_002));
+    r.send(
+        SK,
+        request("GET", "/t", &format!("traceparent: {unsampled}\r\n")),
+        At(1_000, 1_001, 1_002),
+    );
     r.recv(SK, ok(""), At(1_100, 1_900, 2_000));
     assert!(r.out.is_empty(), "{:#?}", r.out);
     let stats = r.stats();
     assert_eq!((stats.requests, stats.not_sampled, stats.spans), (1, 1, 0));
-    assert_eq!(unanswered_and_unmatched(stats), (0, 0), "answered, just not exported");
+    assert_eq!(
+        unanswered_and_unmatched(stats),
+        (0, 0),
+        "answered, just not exported"
+    );
 }
 
 #[test]
 fn untraced_requests_are_ignored_or_start_a_trace_as_configured() {
-    let mut r = Replay::with(Config { untraced: Untraced::Ignore, ..Config::default() });
+    let mut r = Replay::with(Config {
+        untraced: Untraced::Ignore,
+        ..Config::default()
+    });
     r.send(SK, get("/u"), At(1_000, 1_001, 1_002));
     r.recv(SK, ok(""), At(1_100, 1_900, 2_000));
     assert!(r.out.is_empty());
-    assert_eq!((r.stats().untraced_ignored, r.stats().not_sampled, r.stats().spans), (1, 0, 0));
+    assert_eq!(
+        (
+            r.stats().untraced_ignored,
+            r.stats().not_sampled,
+            r.stats().spans
+        ),
+        (1, 0, 0)
+    );
     assert_eq!(unanswered_and_unmatched(r.stats()), (0, 0));
     // A traced request on the same connection is still exported.
     r.send(SK, get_traced("/t"), At(3_000, 3_001, 3_002));
     r.recv(SK, ok(""), At(3_100, 3_900, 4_000));
     assert_eq!(only_hop(&r.take()).ids.trace_id, TP_TRACE);
 
-    let mut r = Replay::with(Config { untraced: Untraced::NewTrace, ..Config::default() });
+    let mut r = Replay::with(Config {
+        untraced: Untraced::NewTrace,
+        ..Config::default()
+    });
     r.send(SK, get("/u"), At(1_000, 1_001, 1_002));
     r.recv(SK, ok(""), At(1_100, 1_900, 2_000));
     let spans = r.take();
@@ -759,10 +1028,18 @@ fn a_head_larger_than_the_capture_never_yields_an_invented_traceparent() {
         let hop = only_hop(&spans);
         assert_ne!(hop.ids.trace_id, TP_TRACE, "pad {pad}");
         assert_eq!(hop.ids.parent_id, None, "pad {pad}");
-        assert_eq!(origin(hop), Some(&Value::from("hoptrace (head truncated before any traceparent)")));
+        assert_eq!(
+            origin(hop),
+            Some(&Value::from(
+                "hoptrace (head truncated before any traceparent)"
+            ))
+        );
         assert!(hop.attr("hoptrace.uncertain").is_some());
         assert_eq!(r.stats().heads_truncated, 1, "pad {pad}");
-        assert!(r.stats().traceparent_invalid.is_empty(), "pad {pad}: a cut value is not parsed");
+        assert!(
+            r.stats().traceparent_invalid.is_empty(),
+            "pad {pad}: a cut value is not parsed"
+        );
         // The connection goes on: the next request is whole.
         r.send(SK, get_traced("/next"), At(3_000, 3_001, 3_002));
         r.recv(SK, ok(""), At(3_100, 3_900, 4_000));
@@ -780,7 +1057,11 @@ fn a_64_kib_header_over_many_records_stays_bounded() {
         let t = 1_000 + 10 * i as u64;
         r.send(SK, piece, At(t, t + 1, t + 2));
         let socket = &r.asm.sockets[&SK];
-        assert!(socket.outgoing.head.len() <= MAX_HEAD, "piece {i}: {}", socket.outgoing.head.len());
+        assert!(
+            socket.outgoing.head.len() <= MAX_HEAD,
+            "piece {i}: {}",
+            socket.outgoing.head.len()
+        );
     }
     r.recv(SK, ok(""), At(5_000, 5_900, 6_000));
     let spans = r.take();
@@ -788,7 +1069,10 @@ fn a_64_kib_header_over_many_records_stays_bounded() {
     assert_eq!(hop.start_ns, us(1_000));
     assert_ne!(hop.ids.trace_id, TP_TRACE);
     let stats = r.stats();
-    assert_eq!((stats.requests, stats.heads_truncated, stats.heads_malformed), (1, 1, 0));
+    assert_eq!(
+        (stats.requests, stats.heads_truncated, stats.heads_malformed),
+        (1, 1, 0)
+    );
     r.send(SK, get("/next"), At(7_000, 7_001, 7_002));
     r.recv(SK, ok(""), At(7_100, 7_900, 8_000));
     assert_eq!(path(only_hop(&r.take())), "/next");
@@ -796,11 +1080,17 @@ fn a_64_kib_header_over_many_records_stays_bounded() {
 
 #[test]
 fn binary_data_is_counted_not_traced() {
-    let tls_client_hello = [0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03];
+    let tls_client_hello = [
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
     let h2_preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let mut r = Replay::new();
     r.send(SK, tls_client_hello, At(1_000, 1_001, 1_002));
-    r.recv(SK, [0x16, 0x03, 0x03, 0x00, 0x7a, 0x02], At(1_100, 1_101, 1_102));
+    r.recv(
+        SK,
+        [0x16, 0x03, 0x03, 0x00, 0x7a, 0x02],
+        At(1_100, 1_101, 1_102),
+    );
     r.send(SK2, h2_preface, At(1_000, 1_001, 1_002));
     r.recv(SK2, [0u8; 9], At(1_100, 1_101, 1_102));
     assert!(r.out.is_empty());
@@ -811,7 +1101,11 @@ fn binary_data_is_counted_not_traced() {
     r.connect(SK, 1_000, 1_100);
     r.send(SK, tls_client_hello, At(1_200, 1_201, 1_202));
     r.send(SK, [0xffu8; 300], At(1_300, 1_301, 1_302));
-    r.recv(SK, [0x17u8, 3, 3, 0, 5, 1, 2, 3, 4, 5], At(1_400, 1_401, 1_402));
+    r.recv(
+        SK,
+        [0x17u8, 3, 3, 0, 5, 1, 2, 3, 4, 5],
+        At(1_400, 1_401, 1_402),
+    );
     assert!(r.out.is_empty());
     assert_eq!(r.stats().requests, 0);
     assert_eq!(r.stats().non_http_records, 2, "one per direction");
@@ -840,7 +1134,10 @@ fn a_reset_mid_response_counts_the_request_and_exports_the_abort() {
     let abort = named(&spans, conn_spans::ABORT);
     assert_eq!(abort.len(), 1);
     assert!(abort[0].error.as_deref().unwrap().contains("reset"));
-    assert_eq!(abort[0].attr("error.type"), Some(&Value::from("ECONNRESET")));
+    assert_eq!(
+        abort[0].attr("error.type"),
+        Some(&Value::from("ECONNRESET"))
+    );
     // The connect it held goes out alone rather than being lost.
     assert_eq!(named(&spans, conn_spans::CONNECT).len(), 1);
     assert_eq!(spans.len(), 2);
@@ -870,7 +1167,10 @@ fn a_held_connect_goes_out_alone_after_the_hold() {
     let hop = only_hop(&spans);
     assert_eq!(spans.len(), 1);
     assert_eq!(hop.start_ns, us(t));
-    assert_eq!(hop.attr("hoptrace.connection.first_request"), Some(&Value::Bool(true)));
+    assert_eq!(
+        hop.attr("hoptrace.connection.first_request"),
+        Some(&Value::Bool(true))
+    );
 }
 
 #[test]
@@ -896,12 +1196,19 @@ fn idle_sockets_are_forgotten_with_their_unanswered_requests() {
 
 #[test]
 fn sockets_beyond_capacity_are_counted_and_their_connects_not_held() {
-    let mut r = Replay::with(Config { max_sockets: 2, ..Config::default() });
+    let mut r = Replay::with(Config {
+        max_sockets: 2,
+        ..Config::default()
+    });
     r.connect(SK, 1_000, 1_100);
     r.connect(SK2, 1_000, 1_100);
     assert!(r.out.is_empty());
     r.connect(SK3, 1_000, 1_100);
-    assert_eq!(named(&r.take(), conn_spans::CONNECT).len(), 1, "exported at once, not held");
+    assert_eq!(
+        named(&r.take(), conn_spans::CONNECT).len(),
+        1,
+        "exported at once, not held"
+    );
     r.send(SK3, get("/x"), At(1_200, 1_201, 1_202));
     r.recv(SK3, ok(""), At(1_300, 1_301, 1_302));
     assert!(r.out.is_empty());
@@ -921,7 +1228,10 @@ fn flush_exports_what_is_held_and_counts_what_is_pending() {
     r.recv(SK2, get("/pending"), At(1_200, 1_190, 1_202));
     r.asm.flush(&mut r.out);
     let spans = r.take();
-    assert_eq!(named(&spans, conn_spans::CONNECT).len() + named(&spans, conn_spans::ACCEPT).len(), 2);
+    assert_eq!(
+        named(&spans, conn_spans::CONNECT).len() + named(&spans, conn_spans::ACCEPT).len(),
+        2
+    );
     assert_eq!(unanswered_and_unmatched(r.stats()), (1, 0));
 }
 
@@ -971,12 +1281,33 @@ const MESSAGES: &[&str] = &[
 
 #[derive(Clone, Debug)]
 enum Op {
-    Conn { sk: u64, old: u8, new: u8, sk_err: i32, srtt_us: u32, phase_start: u64, at: u64 },
+    Conn {
+        sk: u64,
+        old: u8,
+        new: u8,
+        sk_err: i32,
+        srtt_us: u32,
+        phase_start: u64,
+        at: u64,
+    },
     /// `len` = the bytes' length plus `extra_len`; `captured` overrides what the record says.
-    Data { sk: u64, send: bool, bytes: Vec<u8>, extra_len: u32, captured: Option<u16>, times: [u64; 3] },
+    Data {
+        sk: u64,
+        send: bool,
+        bytes: Vec<u8>,
+        extra_len: u32,
+        captured: Option<u16>,
+        times: [u64; 3],
+    },
     /// A request, then a response, on one socket (sent then received on a client's, the other
     /// way round on a server's).
-    Exchange { sk: u64, server: bool, request: Vec<u8>, response: Vec<u8>, times: [u64; 6] },
+    Exchange {
+        sk: u64,
+        server: bool,
+        request: Vec<u8>,
+        response: Vec<u8>,
+        times: [u64; 6],
+    },
     Sweep(u64),
     Flush,
 }
@@ -990,8 +1321,8 @@ fn timestamp() -> impl Strategy<Value = u64> {
 }
 
 fn payload() -> impl Strategy<Value = Vec<u8>> {
-    let messages =
-        proptest::collection::vec(proptest::sample::select(MESSAGES), 1..4).prop_map(|m| m.concat().into_bytes());
+    let messages = proptest::collection::vec(proptest::sample::select(MESSAGES), 1..4)
+        .prop_map(|m| m.concat().into_bytes());
     let index = any::<prop::sample::Index>;
     prop_oneof![
         // Whole messages, or a slice of them (a record cut anywhere in a stream).
@@ -1071,14 +1402,33 @@ fn raw_record(sk: u64, direction: u8, bytes: &[u8], times: &[u64]) -> DataEvent 
 
 fn apply(asm: &mut Assembler, op: &Op, out: &mut Vec<HopSpan>) {
     match op {
-        Op::Conn { sk, old, new, sk_err, srtt_us, phase_start, at } => {
+        Op::Conn {
+            sk,
+            old,
+            new,
+            sk_err,
+            srtt_us,
+            phase_start,
+            at,
+        } => {
             let mut event = conn_event(*sk, *old, *new, 0, 0);
             (event.phase_start_ns, event.header.ts_ns) = (*phase_start, *at);
             (event.sk_err, event.srtt_us) = (*sk_err, *srtt_us);
             asm.on_conn(&event, out);
         }
-        Op::Data { sk, send, bytes, extra_len, captured, times } => {
-            let direction = if *send { DIRECTION_SEND } else { DIRECTION_RECV };
+        Op::Data {
+            sk,
+            send,
+            bytes,
+            extra_len,
+            captured,
+            times,
+        } => {
+            let direction = if *send {
+                DIRECTION_SEND
+            } else {
+                DIRECTION_RECV
+            };
             let mut event = raw_record(*sk, direction, bytes, times);
             event.len = event.len.saturating_add(*extra_len);
             if let Some(captured) = captured {
@@ -1087,9 +1437,18 @@ fn apply(asm: &mut Assembler, op: &Op, out: &mut Vec<HopSpan>) {
             }
             asm.on_data(&event, out);
         }
-        Op::Exchange { sk, server, request, response, times } => {
-            let (to_server, to_client) =
-                if *server { (DIRECTION_RECV, DIRECTION_SEND) } else { (DIRECTION_SEND, DIRECTION_RECV) };
+        Op::Exchange {
+            sk,
+            server,
+            request,
+            response,
+            times,
+        } => {
+            let (to_server, to_client) = if *server {
+                (DIRECTION_RECV, DIRECTION_SEND)
+            } else {
+                (DIRECTION_SEND, DIRECTION_RECV)
+            };
             asm.on_data(&raw_record(*sk, to_server, request, &times[..3]), out);
             asm.on_data(&raw_record(*sk, to_client, response, &times[3..]), out);
         }
@@ -1148,7 +1507,10 @@ struct FakeNic {
 
 impl crate::nic::NicTimes for FakeNic {
     fn egress(&self, key: &tracer_common::nic::NicKey) -> Option<u64> {
-        self.egress.iter().find(|(seq, _)| *seq == key.seq).map(|(_, t)| *t)
+        self.egress
+            .iter()
+            .find(|(seq, _)| *seq == key.seq)
+            .map(|(_, t)| *t)
     }
 }
 
@@ -1161,25 +1523,61 @@ fn arrived_at(mut event: DataEvent, nic_us: u64) -> DataEvent {
 #[test]
 fn the_nic_layer_moves_the_persona_start_to_arrival_and_marks_the_agent_span() {
     // Server side: request record entered at 2_000 (its seq), NIC arrival at 1_500 us.
-    let nic = FakeNic { egress: vec![(3_000, us(3_040)), (1_200, us(1_210))] };
+    let nic = FakeNic {
+        egress: vec![(3_000, us(3_040)), (1_200, us(1_210))],
+    };
     let mut r = Replay::with(Config::default());
     r.asm = Assembler::new(Config::default()).with_nic(Box::new(nic));
     r.accept(SK2, 1_000, 50);
-    r.data(&arrived_at(record(SK2, DIRECTION_RECV, &get_traced("/n"), At(2_000, 1_600, 2_100)), 1_500));
+    r.data(&arrived_at(
+        record(
+            SK2,
+            DIRECTION_RECV,
+            &get_traced("/n"),
+            At(2_000, 1_600, 2_100),
+        ),
+        1_500,
+    ));
     r.send(SK2, ok("x"), At(3_000, 3_010, 3_020));
     let spans = r.take();
     let persona = only_hop(&spans);
-    assert_eq!(persona.start_ns, us(1_500), "starts when the request crossed the NIC");
-    assert_eq!(persona.end_ns, us(3_040), "ends when the response crossed the NIC");
-    assert!(persona.events.iter().any(|(n, t)| *n == "request.nic_ingress" && *t == us(1_500)));
+    assert_eq!(
+        persona.start_ns,
+        us(1_500),
+        "starts when the request crossed the NIC"
+    );
+    assert_eq!(
+        persona.end_ns,
+        us(3_040),
+        "ends when the response crossed the NIC"
+    );
+    assert!(
+        persona
+            .events
+            .iter()
+            .any(|(n, t)| *n == "request.nic_ingress" && *t == us(1_500))
+    );
     // Client side: the request's segment left at 1_210, the response's arrived at 1_880.
     r.connect(SK, 1_000, 1_100);
     r.send(SK, get_traced("/m"), At(1_200, 1_205, 1_206));
-    r.data(&arrived_at(record(SK, DIRECTION_RECV, &ok("y"), At(1_300, 1_890, 1_900)), 1_880));
+    r.data(&arrived_at(
+        record(SK, DIRECTION_RECV, &ok("y"), At(1_300, 1_890, 1_900)),
+        1_880,
+    ));
     let spans = r.take();
     let agent = only_hop(&spans);
-    assert!(agent.events.iter().any(|(n, t)| *n == "request.nic_egress" && *t == us(1_210)));
-    assert!(agent.events.iter().any(|(n, t)| *n == "response.nic_ingress" && *t == us(1_880)));
+    assert!(
+        agent
+            .events
+            .iter()
+            .any(|(n, t)| *n == "request.nic_egress" && *t == us(1_210))
+    );
+    assert!(
+        agent
+            .events
+            .iter()
+            .any(|(n, t)| *n == "response.nic_ingress" && *t == us(1_880))
+    );
 }
 
 #[test]
@@ -1189,9 +1587,22 @@ fn by_default_the_persona_layers_are_attributes_not_spans() {
     r.recv(SK2, get_traced("/a"), At(2_000, 1_600, 2_100));
     r.send(SK2, ok("x"), At(3_000, 3_010, 3_020));
     let spans = r.take();
-    assert_eq!(spans.iter().filter(|s| s.role == Role::Internal).count(), 0, "{spans:#?}");
+    assert_eq!(
+        spans.iter().filter(|s| s.role == Role::Internal).count(),
+        0,
+        "{spans:#?}"
+    );
     let persona = only_hop(&spans);
-    let attr = |key: &str| persona.attributes.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
-    assert_eq!(attr("hoptrace.kernel_receive_ns"), Some(Value::Int(500_000)));
+    let attr = |key: &str| {
+        persona
+            .attributes
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        attr("hoptrace.kernel_receive_ns"),
+        Some(Value::Int(500_000))
+    );
     assert_eq!(attr("hoptrace.application_ns"), Some(Value::Int(900_000)));
 }

@@ -34,7 +34,9 @@ impl Sampler {
                 None => Ok(1.0),
                 Some(a) => match a.trim().parse::<f64>() {
                     Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
-                    _ => Err(format!("OTEL_TRACES_SAMPLER_ARG={a:?} is not a ratio in [0, 1]")),
+                    _ => Err(format!(
+                        "OTEL_TRACES_SAMPLER_ARG={a:?} is not a ratio in [0, 1]"
+                    )),
                 },
             }
         };
@@ -96,7 +98,9 @@ impl Untraced {
         match value.trim() {
             "ignore" => Ok(Self::Ignore),
             "new-trace" => Ok(Self::NewTrace),
-            other => Err(format!("untraced requests: {other:?} is not ignore or new-trace")),
+            other => Err(format!(
+                "untraced requests: {other:?} is not ignore or new-trace"
+            )),
         }
     }
 }
@@ -107,7 +111,10 @@ mod tests {
 
     #[test]
     fn parses_the_spec_names() {
-        assert_eq!(Sampler::from_env(None, None).unwrap(), Sampler::ParentBased(Root::AlwaysOn));
+        assert_eq!(
+            Sampler::from_env(None, None).unwrap(),
+            Sampler::ParentBased(Root::AlwaysOn)
+        );
         assert_eq!(
             Sampler::from_env(Some("parentbased_traceidratio"), Some("0.25")).unwrap(),
             Sampler::ParentBased(Root::TraceIdRatio(0.25))
@@ -127,7 +134,9 @@ mod tests {
     #[test]
     fn ratio_keeps_about_that_share_of_random_trace_ids() {
         let sampler = Sampler::ParentBased(Root::TraceIdRatio(0.25));
-        let kept = (0..20_000).filter(|_| sampler.keep(&rand::random(), None)).count();
+        let kept = (0..20_000)
+            .filter(|_| sampler.keep(&rand::random(), None))
+            .count();
         assert!((4_000..6_000).contains(&kept), "{kept}");
         assert!(!Sampler::TraceIdRatio(0.0).keep(&[0; 16], None));
         assert!(Sampler::TraceIdRatio(1.0).keep(&[0xff; 16], None));

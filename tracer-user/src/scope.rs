@@ -31,22 +31,36 @@ pub enum ScopeError {
         "unknown network namespace {spec:?}: {path} does not exist ({reason}); `ip netns list` \
          shows the names, or pass a path such as /proc/PID/ns/net"
     )]
-    UnknownNetns { spec: String, path: PathBuf, reason: String },
+    UnknownNetns {
+        spec: String,
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 impl Scope {
     /// Resolves `--netns` arguments: a name as `ip netns` knows it, or a path to a namespace
     /// file (anything containing a `/`, e.g. /proc/1234/ns/net).
     pub fn resolve(netns: &[String], pids: &[u32], ports: &[u16]) -> Result<Self, ScopeError> {
-        let netns = netns.iter().map(|spec| resolve_netns(spec)).collect::<Result<_, _>>()?;
-        Ok(Self { netns, pids: pids.to_vec(), ports: ports.to_vec() })
+        let netns = netns
+            .iter()
+            .map(|spec| resolve_netns(spec))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            netns,
+            pids: pids.to_vec(),
+            ports: ports.to_vec(),
+        })
     }
 
     pub fn describe(&self) -> String {
         let mut parts = Vec::new();
         if !self.netns.is_empty() {
-            let list: Vec<_> =
-                self.netns.iter().map(|n| format!("{} ({})", n.spec, n.inode)).collect();
+            let list: Vec<_> = self
+                .netns
+                .iter()
+                .map(|n| format!("{} ({})", n.spec, n.inode))
+                .collect();
             parts.push(format!("netns {}", list.join(", ")));
         }
         if !self.pids.is_empty() {
@@ -55,7 +69,11 @@ impl Scope {
         if !self.ports.is_empty() {
             parts.push(format!("ports {:?}", self.ports));
         }
-        if parts.is_empty() { "the whole host".into() } else { parts.join("; ") }
+        if parts.is_empty() {
+            "the whole host".into()
+        } else {
+            parts.join("; ")
+        }
     }
 }
 
@@ -71,7 +89,11 @@ fn resolve_netns(spec: &str) -> Result<NetnsRef, ScopeError> {
         reason: e.to_string(),
     })?;
     // Namespace inode numbers fit in 32 bits (the kernel's ns_common.inum is an unsigned int).
-    Ok(NetnsRef { spec: spec.into(), path, inode: meta.ino() as u32 })
+    Ok(NetnsRef {
+        spec: spec.into(),
+        path,
+        inode: meta.ino() as u32,
+    })
 }
 
 #[cfg(test)]

@@ -55,12 +55,22 @@ pub struct SpanIds {
 impl SpanIds {
     /// A new trace (random ids, as the W3C spec asks: no structure, full entropy).
     pub fn new_root() -> Self {
-        Self { trace_id: random_nonzero(), span_id: random_nonzero(), parent_id: None, trace_state: None }
+        Self {
+            trace_id: random_nonzero(),
+            span_id: random_nonzero(),
+            parent_id: None,
+            trace_state: None,
+        }
     }
 
     /// A new span in `trace_id` under `parent_id`.
     pub fn child(trace_id: [u8; 16], parent_id: [u8; 8], trace_state: Option<String>) -> Self {
-        Self { trace_id, span_id: random_nonzero(), parent_id: Some(parent_id), trace_state }
+        Self {
+            trace_id,
+            span_id: random_nonzero(),
+            parent_id: Some(parent_id),
+            trace_state,
+        }
     }
 }
 
@@ -97,6 +107,9 @@ impl HopSpan {
     }
 
     pub fn attr(&self, key: &str) -> Option<&Value> {
-        self.attributes.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+        self.attributes
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
     }
 }

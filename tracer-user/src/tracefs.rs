@@ -16,7 +16,12 @@ pub enum TracefsError {
     #[error("tracepoint {0} does not exist on this kernel ({1})")]
     NoTracepoint(String, String),
     #[error("tracepoint {tracepoint}: field {field} is {found}, the probe expects {expected}")]
-    Layout { tracepoint: String, field: String, found: String, expected: String },
+    Layout {
+        tracepoint: String,
+        field: String,
+        found: String,
+        expected: String,
+    },
 }
 
 pub fn mount_point() -> Result<PathBuf, TracefsError> {
@@ -35,13 +40,19 @@ pub fn verify_layout(
     fields: &[(&str, usize, usize)],
 ) -> Result<(), TracefsError> {
     let tracepoint = format!("{category}:{name}");
-    let path = mount_point()?.join("events").join(category).join(name).join("format");
+    let path = mount_point()?
+        .join("events")
+        .join(category)
+        .join(name)
+        .join("format");
     let format = std::fs::read_to_string(&path)
         .map_err(|e| TracefsError::NoTracepoint(tracepoint.clone(), e.to_string()))?;
     for &(field, offset, size) in fields {
         let expected = format!("offset {offset} size {size}");
-        let found = parse_field(&format, field)
-            .map_or_else(|| "missing".to_string(), |(o, s)| format!("offset {o} size {s}"));
+        let found = parse_field(&format, field).map_or_else(
+            || "missing".to_string(),
+            |(o, s)| format!("offset {o} size {s}"),
+        );
         if found != expected {
             return Err(TracefsError::Layout {
                 tracepoint,

@@ -464,7 +464,11 @@ impl Bench<'_> {
     fn nginx_pids(&self) -> Vec<u32> {
         let masters = self.lab.server_pids();
         let mut pids = masters.clone();
-        pids.extend(proc_pids().into_iter().filter(|&pid| parent_pid(pid).is_some_and(|ppid| masters.contains(&ppid))));
+        pids.extend(
+            proc_pids()
+                .into_iter()
+                .filter(|&pid| parent_pid(pid).is_some_and(|ppid| masters.contains(&ppid))),
+        );
         pids
     }
 
@@ -1320,7 +1324,8 @@ fn ksoftirqd_pids() -> Vec<u32> {
         proc_pids()
             .into_iter()
             .filter(|pid| {
-                fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("ksoftirqd/"))
+                fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.starts_with("ksoftirqd/"))
             })
             .collect()
     })

@@ -46,7 +46,10 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Task::Demo { forward_ms, return_ms } => demo(forward_ms, return_ms),
+        Task::Demo {
+            forward_ms,
+            return_ms,
+        } => demo(forward_ms, return_ms),
         Task::Test { args } => test(&args),
         Task::Check => {
             let status = Command::new(build_hoptrace()?).arg("check").status()?;
@@ -85,7 +88,16 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     // Doc tests are left out: there are none, and their empty "0 passed" summaries would close
     // the output as if nothing had run.
     let mut child = cargo()
-        .args(["test", "--no-fail-fast", "--workspace", "--exclude", "tracer-ebpf", "--lib", "--bins", "--tests"])
+        .args([
+            "test",
+            "--no-fail-fast",
+            "--workspace",
+            "--exclude",
+            "tracer-ebpf",
+            "--lib",
+            "--bins",
+            "--tests",
+        ])
         .args(extra)
         .env("HOPTRACE_BIN", &bin)
         .current_dir(workspace_root())
@@ -126,25 +138,56 @@ fn test_result_counts(line: &str) -> Option<(u64, u64)> {
 
 fn demo(forward_ms: u64, return_ms: u64) -> anyhow::Result<()> {
     let bin = build_hoptrace()?;
-    println!("== starting the lab: agent 10.10.1.2 -> fw -> persona {PERSONA_IP} (nginx :80, python :8080)");
+    println!(
+        "== starting the lab: agent 10.10.1.2 -> fw -> persona {PERSONA_IP} (nginx :80, python :8080)"
+    );
     let lab = Lab::start(LabConfig::default())?;
     lab.set_delay(Direction::Forward, Duration::from_millis(forward_ms))?;
     lab.set_delay(Direction::Return, Duration::from_millis(return_ms))?;
-    println!("== fw delays: forward +{forward_ms} ms, return +{return_ms} ms (NFQUEUE holder in the fw namespace)");
-    println!("== hoptrace agent observes the agent and persona namespaces, not the fw (it cannot speak)\n");
+    println!(
+        "== fw delays: forward +{forward_ms} ms, return +{return_ms} ms (NFQUEUE holder in the fw namespace)"
+    );
+    println!(
+        "== hoptrace agent observes the agent and persona namespaces, not the fw (it cannot speak)\n"
+    );
     let mut agent = AgentProcess::start(&bin, &lab)?;
 
     // As an SDK-instrumented agent would: each request carries the caller's trace context.
     // Trace ids differ in their first digits, which the terminal shows.
-    let traceparent = |n: u32| format!("traceparent: 00-{:08x}77b34da6a3ce929d0e0e4736-{:016x}-01", 0x4bf9_2f30 + n, 0xa3ce_929d_0000_0000_u64 | u64::from(n));
+    let traceparent = |n: u32| {
+        format!(
+            "traceparent: 00-{:08x}77b34da6a3ce929d0e0e4736-{:016x}-01",
+            0x4bf9_2f30 + n,
+            0xa3ce_929d_0000_0000_u64 | u64::from(n)
+        )
+    };
     let requests = [
-        ("nginx, two requests on one keep-alive connection", vec![lab.nginx_url("/"), lab.nginx_url("/big")]),
+        (
+            "nginx, two requests on one keep-alive connection",
+            vec![lab.nginx_url("/"), lab.nginx_url("/big")],
+        ),
         ("python http.server", vec![lab.python_url("/")]),
-        ("nothing listening", vec![format!("http://{PERSONA_IP}:81/")]),
+        (
+            "nothing listening",
+            vec![format!("http://{PERSONA_IP}:81/")],
+        ),
     ];
     for (n, (what, urls)) in requests.iter().enumerate() {
         let header = traceparent(n as u32 + 1);
-        let mut argv = vec!["curl", "-sS", "-o", "/dev/null", "-o", "/dev/null", "-w", "%{time_total} ", "--max-time", "3", "-H", &header];
+        let mut argv = vec![
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{time_total} ",
+            "--max-time",
+            "3",
+            "-H",
+            &header,
+        ];
         argv.extend(urls.iter().map(String::as_str));
         let output = lab.exec(Host::Agent, &argv).output()?;
         let totals: Vec<String> = String::from_utf8_lossy(&output.stdout)
@@ -152,7 +195,15 @@ fn demo(forward_ms: u64, return_ms: u64) -> anyhow::Result<()> {
             .filter_map(|t| t.parse::<f64>().ok())
             .map(|s| format!("{:.3} ms", s * 1e3))
             .collect();
-        println!("-- curl {} ({what}) with {header}: curl's own total {}", urls.join(" "), if totals.is_empty() { "failed".into() } else { totals.join(", ") });
+        println!(
+            "-- curl {} ({what}) with {header}: curl's own total {}",
+            urls.join(" "),
+            if totals.is_empty() {
+                "failed".into()
+            } else {
+                totals.join(", ")
+            }
+        );
         thread::sleep(Duration::from_millis(300));
     }
     thread::sleep(Duration::from_millis(500));
@@ -182,7 +233,13 @@ struct AgentProcess(Option<Child>);
 impl AgentProcess {
     fn start(bin: &PathBuf, lab: &Lab) -> anyhow::Result<Self> {
         let child = Command::new(bin)
-            .args(["agent", "--netns", lab.netns(Host::Agent).name(), "--netns", lab.netns(Host::Persona).name()])
+            .args([
+                "agent",
+                "--netns",
+                lab.netns(Host::Agent).name(),
+                "--netns",
+                lab.netns(Host::Persona).name(),
+            ])
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")
             // The demo shows the persona's kernel / application split as spans of their own.
             .env("HOPTRACE_LAYER_SPANS", "true")
@@ -218,7 +275,10 @@ mod tests {
     fn reads_cargo_test_summaries() {
         let line = "test result: ok. 59 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.44s";
         assert_eq!(test_result_counts(line), Some((59, 0)));
-        assert_eq!(test_result_counts("test result: FAILED. 3 passed; 2 failed; 0 ignored"), Some((3, 2)));
+        assert_eq!(
+            test_result_counts("test result: FAILED. 3 passed; 2 failed; 0 ignored"),
+            Some((3, 2))
+        );
         assert_eq!(test_result_counts("running 4 tests"), None);
     }
 }

@@ -38,7 +38,10 @@ impl Protocol {
 pub enum Target {
     /// No endpoint configured: print to the terminal (the embedded default).
     Terminal,
-    Otlp { endpoint: String, protocol: Protocol },
+    Otlp {
+        endpoint: String,
+        protocol: Protocol,
+    },
     /// OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none: why.
     Disabled(&'static str),
 }
@@ -61,7 +64,9 @@ pub struct ExportFlags {
 
 impl ExportConfig {
     pub fn from_env(flags: &ExportFlags) -> Result<Self, String> {
-        Self::from_lookup(flags, |key| std::env::var(key).ok().filter(|v| !v.trim().is_empty()))
+        Self::from_lookup(flags, |key| {
+            std::env::var(key).ok().filter(|v| !v.trim().is_empty())
+        })
     }
 
     /// `lookup` reads one variable; separate from the process environment for tests.
@@ -70,7 +75,8 @@ impl ExportConfig {
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, String> {
         let protocol = match flags.protocol.clone().or_else(|| {
-            lookup("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| lookup("OTEL_EXPORTER_OTLP_PROTOCOL"))
+            lookup("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                .or_else(|| lookup("OTEL_EXPORTER_OTLP_PROTOCOL"))
         }) {
             Some(p) => Protocol::parse(&p)?,
             // The spec's default.
@@ -78,13 +84,20 @@ impl ExportConfig {
         };
         // The signal-specific variable is the full URL; the generic one is a base to which HTTP
         // appends /v1/traces (OTLP exporter spec, "Endpoint URLs for OTLP/HTTP").
-        let endpoint = match (&flags.endpoint, lookup("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) {
+        let endpoint = match (
+            &flags.endpoint,
+            lookup("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+        ) {
             (Some(base), _) => Some(base_to_traces_url(base, protocol)),
             (None, Some(full)) => Some(full),
-            (None, None) => lookup("OTEL_EXPORTER_OTLP_ENDPOINT").map(|b| base_to_traces_url(&b, protocol)),
+            (None, None) => {
+                lookup("OTEL_EXPORTER_OTLP_ENDPOINT").map(|b| base_to_traces_url(&b, protocol))
+            }
         };
         let exporter = lookup("OTEL_TRACES_EXPORTER");
-        let target = if lookup("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+        let target = if lookup("OTEL_SDK_DISABLED")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+        {
             Target::Disabled("OTEL_SDK_DISABLED=true")
         } else {
             match exporter.as_deref().map(str::trim) {
@@ -107,7 +120,9 @@ impl ExportConfig {
         };
         let number = |key: &str, default: u64| -> Result<u64, String> {
             lookup(key).map_or(Ok(default), |v| {
-                v.trim().parse().map_err(|_| format!("{key}={v:?} is not a whole number"))
+                v.trim()
+                    .parse()
+                    .map_err(|_| format!("{key}={v:?} is not a whole number"))
             })
         };
         let max_queue_size = number("OTEL_BSP_MAX_QUEUE_SIZE", 2048)?.max(1) as usize;
@@ -128,9 +143,16 @@ impl ExportConfig {
         let has_name = std::env::var("OTEL_SERVICE_NAME").is_ok()
             || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name="));
         let builder = Resource::builder().with_attributes(
-            resource.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())).collect::<Vec<_>>(),
+            resource
+                .iter()
+                .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
+                .collect::<Vec<_>>(),
         );
-        if has_name { builder.build() } else { builder.with_service_name("hoptrace").build() }
+        if has_name {
+            builder.build()
+        } else {
+            builder.with_service_name("hoptrace").build()
+        }
     }
 }
 
@@ -156,70 +178,134 @@ mod tests {
     use super::*;
 
     fn config(flags: ExportFlags, env: &[(&str, &str)]) -> Result<ExportConfig, String> {
-        let env: HashMap<String, String> =
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         ExportConfig::from_lookup(&flags, |k| env.get(k).cloned())
     }
 
     #[test]
     fn no_endpoint_prints_to_the_terminal() {
-        assert_eq!(config(ExportFlags::default(), &[]).unwrap().target, Target::Terminal);
+        assert_eq!(
+            config(ExportFlags::default(), &[]).unwrap().target,
+            Target::Terminal
+        );
     }
 
     #[test]
     fn endpoints_follow_the_otlp_exporter_spec() {
         let grpc = config(
             ExportFlags::default(),
-            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ],
         )
         .unwrap();
-        assert_eq!(grpc.target, Target::Otlp { endpoint: "http://c:4317".into(), protocol: Protocol::Grpc });
-        let http = config(ExportFlags::default(), &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318/")]).unwrap();
+        assert_eq!(
+            grpc.target,
+            Target::Otlp {
+                endpoint: "http://c:4317".into(),
+                protocol: Protocol::Grpc
+            }
+        );
+        let http = config(
+            ExportFlags::default(),
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318/")],
+        )
+        .unwrap();
         assert_eq!(
             http.target,
-            Target::Otlp { endpoint: "http://c:4318/v1/traces".into(), protocol: Protocol::HttpProtobuf }
+            Target::Otlp {
+                endpoint: "http://c:4318/v1/traces".into(),
+                protocol: Protocol::HttpProtobuf
+            }
         );
         let full = config(
             ExportFlags::default(),
-            &[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:9/custom"), ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://x")],
+            &[
+                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:9/custom"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://x"),
+            ],
         )
         .unwrap();
         assert_eq!(
             full.target,
-            Target::Otlp { endpoint: "http://c:9/custom".into(), protocol: Protocol::HttpProtobuf }
+            Target::Otlp {
+                endpoint: "http://c:9/custom".into(),
+                protocol: Protocol::HttpProtobuf
+            }
         );
     }
 
     #[test]
     fn flags_override_the_environment() {
-        let flags = ExportFlags { endpoint: Some("http://f:4317".into()), protocol: Some("grpc".into()) };
-        let cfg = config(flags, &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://e:4318"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")])
-            .unwrap();
-        assert_eq!(cfg.target, Target::Otlp { endpoint: "http://f:4317".into(), protocol: Protocol::Grpc });
+        let flags = ExportFlags {
+            endpoint: Some("http://f:4317".into()),
+            protocol: Some("grpc".into()),
+        };
+        let cfg = config(
+            flags,
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://e:4318"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.target,
+            Target::Otlp {
+                endpoint: "http://f:4317".into(),
+                protocol: Protocol::Grpc
+            }
+        );
     }
 
     #[test]
     fn disabled_and_bad_values_are_explicit() {
         let disabled = config(
             ExportFlags::default(),
-            &[("OTEL_SDK_DISABLED", "true"), ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318")],
+            &[
+                ("OTEL_SDK_DISABLED", "true"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ],
         )
         .unwrap();
         assert_eq!(disabled.target, Target::Disabled("OTEL_SDK_DISABLED=true"));
-        assert!(config(ExportFlags::default(), &[("OTEL_EXPORTER_OTLP_PROTOCOL", "udp")])
+        assert!(
+            config(
+                ExportFlags::default(),
+                &[("OTEL_EXPORTER_OTLP_PROTOCOL", "udp")]
+            )
             .unwrap_err()
-            .contains("unknown OTLP protocol"));
-        assert!(config(ExportFlags::default(), &[("OTEL_BSP_MAX_QUEUE_SIZE", "lots")])
+            .contains("unknown OTLP protocol")
+        );
+        assert!(
+            config(
+                ExportFlags::default(),
+                &[("OTEL_BSP_MAX_QUEUE_SIZE", "lots")]
+            )
             .unwrap_err()
-            .contains("OTEL_BSP_MAX_QUEUE_SIZE"));
-        assert!(config(ExportFlags::default(), &[("OTEL_TRACES_EXPORTER", "zipkin")]).is_err());
+            .contains("OTEL_BSP_MAX_QUEUE_SIZE")
+        );
+        assert!(
+            config(
+                ExportFlags::default(),
+                &[("OTEL_TRACES_EXPORTER", "zipkin")]
+            )
+            .is_err()
+        );
     }
 
     #[test]
     fn batch_settings_come_from_the_bsp_variables() {
         let cfg = config(
             ExportFlags::default(),
-            &[("OTEL_BSP_SCHEDULE_DELAY", "200"), ("OTEL_BSP_MAX_QUEUE_SIZE", "100")],
+            &[
+                ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+                ("OTEL_BSP_MAX_QUEUE_SIZE", "100"),
+            ],
         )
         .unwrap();
         assert_eq!(cfg.schedule_delay, Duration::from_millis(200));

@@ -57,7 +57,12 @@ impl SpanSink {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
             }
             Err(_) => {
-                if self.stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed) == 0 {
+                if self
+                    .stats
+                    .dropped_queue_full
+                    .fetch_add(1, Ordering::Relaxed)
+                    == 0
+                {
                     log::warn!(
                         "export queue full: dropping spans (counted; raise OTEL_BSP_MAX_QUEUE_SIZE \
                          or check the collector)"
@@ -102,22 +107,42 @@ pub fn start(config: &ExportConfig) -> anyhow::Result<(SpanSink, Pipeline)> {
     let exporter = match &config.target {
         Target::Disabled(why) => {
             log::warn!("span export disabled: {why}");
-            return Ok((SpanSink { sender: None, stats }, Pipeline { task: None }));
+            return Ok((
+                SpanSink {
+                    sender: None,
+                    stats,
+                },
+                Pipeline { task: None },
+            ));
         }
         Target::Terminal => {
             log::info!("no OTLP endpoint configured: printing spans to the terminal");
             Exporter::Terminal(terminal::TerminalExporter::new(config.resource()))
         }
         Target::Otlp { endpoint, protocol } => {
-            log::info!("exporting spans over OTLP {} to {endpoint}", protocol.as_str());
+            log::info!(
+                "exporting spans over OTLP {} to {endpoint}",
+                protocol.as_str()
+            );
             let mut exporter = otel::otlp_exporter(endpoint, *protocol, config.export_timeout)?;
             exporter.set_resource(&config.resource());
             Exporter::Otlp(Box::new(exporter))
         }
     };
     let (sender, receiver) = mpsc::channel(config.max_queue_size);
-    let task = tokio::spawn(batch_loop(receiver, exporter, config.clone(), stats.clone()));
-    Ok((SpanSink { sender: Some(sender), stats }, Pipeline { task: Some(task) }))
+    let task = tokio::spawn(batch_loop(
+        receiver,
+        exporter,
+        config.clone(),
+        stats.clone(),
+    ));
+    Ok((
+        SpanSink {
+            sender: Some(sender),
+            stats,
+        },
+        Pipeline { task: Some(task) },
+    ))
 }
 
 impl Pipeline {
@@ -155,7 +180,8 @@ async fn batch_loop(
             _ = tick.tick() => false,
         };
         if !batch.is_empty() {
-            let spans = std::mem::replace(&mut batch, Vec::with_capacity(config.max_export_batch_size));
+            let spans =
+                std::mem::replace(&mut batch, Vec::with_capacity(config.max_export_batch_size));
             let count = spans.len() as u64;
             match tokio::time::timeout(config.export_timeout, exporter.export(spans)).await {
                 Ok(Ok(())) => {

@@ -17,7 +17,9 @@ use crate::{
 
 /// Built once: every span carries the same scope.
 static SCOPE: std::sync::LazyLock<InstrumentationScope> = std::sync::LazyLock::new(|| {
-    InstrumentationScope::builder("hoptrace").with_version(env!("CARGO_PKG_VERSION")).build()
+    InstrumentationScope::builder("hoptrace")
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .build()
 });
 
 pub fn to_span_data(span: &HopSpan, clock: &Clock) -> SpanData {
@@ -36,7 +38,10 @@ pub fn to_span_data(span: &HopSpan, clock: &Clock) -> SpanData {
     );
     SpanData {
         span_context: context,
-        parent_span_id: span.ids.parent_id.map_or(SpanId::INVALID, SpanId::from_bytes),
+        parent_span_id: span
+            .ids
+            .parent_id
+            .map_or(SpanId::INVALID, SpanId::from_bytes),
         // The parent is the SDK's span in another process, known through traceparent.
         parent_span_is_remote: span.ids.parent_id.is_some(),
         span_kind: match span.role {
@@ -47,7 +52,11 @@ pub fn to_span_data(span: &HopSpan, clock: &Clock) -> SpanData {
         name: span.name.clone(),
         start_time: clock.to_system_time(span.start_ns),
         end_time: clock.to_system_time(span.end_ns),
-        attributes: span.attributes.iter().map(|(k, v)| key_value(k, v)).collect(),
+        attributes: span
+            .attributes
+            .iter()
+            .map(|(k, v)| key_value(k, v))
+            .collect(),
         dropped_attributes_count: 0,
         events: events(span, clock),
         links: SpanLinks::default(),
@@ -85,7 +94,11 @@ pub fn otlp_exporter(
 ) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
     let builder = opentelemetry_otlp::SpanExporter::builder();
     let exporter = match protocol {
-        Protocol::Grpc => builder.with_tonic().with_endpoint(endpoint).with_timeout(timeout).build(),
+        Protocol::Grpc => builder
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .with_timeout(timeout)
+            .build(),
         Protocol::HttpProtobuf | Protocol::HttpJson => builder
             .with_http()
             .with_protocol(match protocol {

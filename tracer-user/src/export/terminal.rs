@@ -21,7 +21,10 @@ impl TerminalExporter {
             .get(&opentelemetry::Key::from_static_str("service.name"))
             .map(|v| v.to_string())
             .unwrap_or_default();
-        Self { header_printed: AtomicBool::new(false), service }
+        Self {
+            header_printed: AtomicBool::new(false),
+            service,
+        }
     }
 
     pub fn print(&self, batch: &[SpanData]) {
@@ -42,13 +45,19 @@ impl TerminalExporter {
 
 pub fn format_span(span: &SpanData) -> String {
     let attr = |key: &str| {
-        span.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| match &kv.value {
-            Value::String(s) => s.as_str().to_string(),
-            other => other.to_string(),
-        })
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| match &kv.value {
+                Value::String(s) => s.as_str().to_string(),
+                other => other.to_string(),
+            })
     };
     let text = |key: &str| attr(key).unwrap_or_else(|| "?".into());
-    let duration = span.end_time.duration_since(span.start_time).unwrap_or_default();
+    let duration = span
+        .end_time
+        .duration_since(span.start_time)
+        .unwrap_or_default();
     let uncertain = attr("hoptrace.uncertain");
     let (status, detail) = match &span.status {
         Status::Error { description } => ("ERROR", description.to_string()),
@@ -58,18 +67,33 @@ pub fn format_span(span: &SpanData) -> String {
         (Some(name), Some(pid)) => format!("{name}[{pid}]"),
         _ => "-".into(),
     };
-    let since_epoch = span.start_time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let since_epoch = span
+        .start_time
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     let secs_of_day = since_epoch.as_secs() % 86_400;
     let trace = span.span_context.trace_id().to_string();
-    let name = match (attr("http.request.method"), attr("url.path"), attr("http.response.status_code")) {
+    let name = match (
+        attr("http.request.method"),
+        attr("url.path"),
+        attr("http.response.status_code"),
+    ) {
         (Some(method), Some(path), Some(status)) => format!("{method} {path} {status}"),
         _ if attr("network.peer.address").is_none() => format!("  - {}", span.name),
         _ => span.name.to_string(),
     };
     let flow = match (attr("network.local.address"), attr("network.peer.address")) {
         (Some(_), Some(_)) => {
-            let local = format!("{}:{}", text("network.local.address"), text("network.local.port"));
-            let peer = format!("{}:{}", text("network.peer.address"), text("network.peer.port"));
+            let local = format!(
+                "{}:{}",
+                text("network.local.address"),
+                text("network.local.port")
+            );
+            let peer = format!(
+                "{}:{}",
+                text("network.peer.address"),
+                text("network.peer.port")
+            );
             // Always client -> server, whichever side observed it.
             if span.span_kind == opentelemetry::trace::SpanKind::Server {
                 format!("{peer} -> {local}")
@@ -99,7 +123,10 @@ pub fn format_span(span: &SpanData) -> String {
     }
     if let Some(total) = attr("hoptrace.firewall.total_ns").and_then(|v| v.parse::<f64>().ok()) {
         let mode = text("hoptrace.firewall.mode");
-        line.push_str(&format!("  agent - persona = {:.3} ms ({mode})", total / 1e6));
+        line.push_str(&format!(
+            "  agent - persona = {:.3} ms ({mode})",
+            total / 1e6
+        ));
     }
     if let Some(why) = uncertain {
         line.push_str(&format!("  (uncertain {why})"));

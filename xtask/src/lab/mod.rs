@@ -7,7 +7,7 @@
 //!  10.10.1.2/24 [a] <--veth--> [fa] 10.10.1.1/24
 //!                                    10.10.2.1/24 [fp] <--veth--> [p] 10.10.2.2/24
 //!  default via 10.10.1.1       ip_forward=1                 default via 10.10.2.1
-//!                              NFQUEUE on fa = forward delay  nginx :80, python :8080
+//!                              NFQUEUE on fa = forward delay  nginx :80 :443, python :8080
 //!                              NFQUEUE on fp = return delay
 //! ```
 //!
@@ -26,6 +26,7 @@
 mod cmd;
 mod delay;
 mod netns;
+pub mod pki;
 mod servers;
 #[cfg(test)]
 mod tests;
@@ -63,6 +64,10 @@ pub const PERSONA_IP: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 2);
 pub const PREFIX_LEN: u8 = 24;
 /// nginx's port in persona.
 pub const NGINX_PORT: u16 = 80;
+/// nginx's HTTPS port in persona (TLS 1.2 and 1.3, certificate by [`Lab::persona_ca`]).
+pub const NGINX_TLS_PORT: u16 = 443;
+/// The persona's name in its certificate (which also names [`PERSONA_IP`]).
+pub const PERSONA_TLS_NAME: &str = "persona.lab";
 /// The Python server's port in persona.
 pub const PYTHON_PORT: u16 = 8080;
 
@@ -158,6 +163,8 @@ pub struct Lab {
     /// Whether each direction's NFQUEUE rule is installed; the lock also serialises changes.
     rules: Mutex<[bool; 2]>,
     servers: Vec<Background>,
+    /// The CA that signed the persona's certificate: what a client of the persona trusts.
+    persona_ca: pki::CertKey,
     // Fields drop in declaration order after `Drop::drop`: namespaces (which kills what is
     // left in them) before the temp dir the servers used.
     agent: Netns,
@@ -248,6 +255,7 @@ impl Lab {
             ],
         )?;
 
+        let persona_ca = pki::create_ca(temp.path(), "persona")?;
         let delay = DelayInjector::start(&fw)?;
         let mut lab = Lab {
             id,
@@ -255,6 +263,7 @@ impl Lab {
             delay,
             rules: Mutex::new([false; 2]),
             servers: Vec::new(),
+            persona_ca,
             agent,
             fw,
             persona,
@@ -271,10 +280,18 @@ impl Lab {
         let dir = lab.temp.path().to_owned();
         if config.nginx {
             let addr = SocketAddr::new(IpAddr::V4(PERSONA_IP), NGINX_PORT);
+            let cert = pki::create_leaf(
+                &dir,
+                "persona",
+                &format!("DNS:{PERSONA_TLS_NAME},IP:{PERSONA_IP}"),
+                &lab.persona_ca,
+            )?;
             started.push(servers::start_nginx(
                 &lab.persona,
                 &dir,
                 addr,
+                NGINX_TLS_PORT,
+                &cert,
                 config.nginx_workers,
             )?);
         }
@@ -325,6 +342,17 @@ impl Lab {
     /// `http://10.10.2.2:80<path>`: nginx as seen from the agent.
     pub fn nginx_url(&self, path: &str) -> String {
         format!("http://{PERSONA_IP}:{NGINX_PORT}{path}")
+    }
+
+    /// `https://10.10.2.2:443<path>`: nginx over TLS as seen from the agent; trust
+    /// [`Lab::persona_ca`] (`curl --cacert`).
+    pub fn nginx_https_url(&self, path: &str) -> String {
+        format!("https://{PERSONA_IP}:{NGINX_TLS_PORT}{path}")
+    }
+
+    /// The PEM file of the CA that signed the persona's certificate.
+    pub fn persona_ca(&self) -> &Path {
+        &self.persona_ca.cert
     }
 
     /// `http://10.10.2.2:8080<path>`: the Python server as seen from the agent.

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use super::{cmd::describe, netns::Netns};
+use super::{cmd::describe, netns::Netns, pki::CertKey};
 
 /// Size of the body served at `/big` by both servers.
 pub const BIG_BODY_LEN: usize = 64 * 1024;
@@ -106,14 +106,22 @@ pub struct Server {
 }
 
 /// Writes nginx's config and bodies under `dir` and starts `nginx` in `persona` with
-/// `workers` worker processes (0 = `auto`).
+/// `workers` worker processes (0 = `auto`), serving the same content over HTTP on `addr` and
+/// over HTTPS (TLS 1.2 and 1.3, certificate `tls`) on `tls_port`.
 ///
 /// Why each setting: `daemon off` keeps the master our child (so we can stop it); pid, lock and
 /// temp paths in `dir` keep parallel labs apart and away from the system's nginx; `-e stderr`
 /// stops nginx from touching the compiled-in error log before it reads the config; `user root`
 /// lets workers read the 0700 temp dir; access log off and a large keep-alive request limit
 /// keep it fast under load.
-pub fn start_nginx(persona: &Netns, dir: &Path, addr: SocketAddr, workers: u32) -> Result<Server> {
+pub fn start_nginx(
+    persona: &Netns,
+    dir: &Path,
+    addr: SocketAddr,
+    tls_port: u16,
+    tls: &CertKey,
+    workers: u32,
+) -> Result<Server> {
     let www = dir.join("www");
     fs::create_dir_all(&www).with_context(|| format!("create {}", www.display()))?;
     fs::write(www.join("index.html"), NGINX_SMALL_BODY).context("write nginx body")?;
@@ -147,6 +155,10 @@ http {{
     scgi_temp_path {d}/scgi;
     server {{
         listen {port} default_server backlog=4096;
+        listen {tls_port} ssl default_server backlog=4096;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
         root {www};
         location = / {{ try_files /index.html =404; }}
         location = /big {{ try_files /big =404; }}
@@ -155,6 +167,8 @@ http {{
 "#,
         port = addr.port(),
         www = www.display(),
+        cert = tls.cert.display(),
+        key = tls.key.display(),
     );
     let conf_path = dir.join("nginx.conf");
     fs::write(&conf_path, conf).context("write nginx.conf")?;

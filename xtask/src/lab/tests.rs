@@ -181,6 +181,71 @@ impl Footprint {
 }
 
 #[test]
+fn serves_https_with_tls_1_2_and_1_3_to_clients_that_trust_the_persona_ca() {
+    let _guard = shared();
+    let lab = Lab::start(LabConfig {
+        python: false,
+        ..LabConfig::default()
+    })
+    .unwrap();
+    let ca = lab.persona_ca().to_str().unwrap().to_owned();
+    let url = lab.nginx_https_url("/");
+    for (min, max, want) in [
+        ("--tlsv1.2", "1.2", "TLSv1.2"),
+        ("--tlsv1.3", "1.3", "TLSv1.3"),
+    ] {
+        let out = lab
+            .run_stdout(
+                Host::Agent,
+                &[
+                    "curl",
+                    "-sS",
+                    "--cacert",
+                    &ca,
+                    min,
+                    "--tls-max",
+                    max,
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    &url,
+                ],
+            )
+            .unwrap();
+        assert_eq!(out, "200", "{want}");
+    }
+    // By name too: the certificate names the persona both ways.
+    let resolve = format!("{PERSONA_TLS_NAME}:{NGINX_TLS_PORT}:{PERSONA_IP}");
+    let by_name = format!("https://{PERSONA_TLS_NAME}/");
+    let out = lab
+        .run_stdout(
+            Host::Agent,
+            &[
+                "curl",
+                "-sS",
+                "--cacert",
+                &ca,
+                "--resolve",
+                &resolve,
+                &by_name,
+            ],
+        )
+        .unwrap();
+    assert_eq!(out, NGINX_SMALL_BODY);
+    // A client that does not trust the persona's CA refuses the handshake.
+    let refused = lab
+        .exec(Host::Agent, &["curl", "-sS", "-o", "/dev/null", &url])
+        .output()
+        .unwrap();
+    assert_eq!(
+        refused.status.code(),
+        Some(60),
+        "curl: peer certificate cannot be authenticated"
+    );
+}
+
+#[test]
 fn serves_nginx_and_python_through_fw() {
     let _guard = shared();
     let started = Instant::now();
