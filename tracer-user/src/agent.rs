@@ -58,10 +58,10 @@ impl Pipeline<'_> {
     fn emit(&mut self, clock: &Clock) {
         for span in self.spans.drain(..) {
             self.correlator.observe(&span, &mut self.joined);
-            self.sink.send(&span, clock);
+            self.sink.send(span, clock);
         }
         for span in self.joined.drain(..) {
-            self.sink.send(&span, clock);
+            self.sink.send(span, clock);
         }
     }
 }

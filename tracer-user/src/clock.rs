@@ -43,9 +43,14 @@ impl Clock {
         }
     }
 
-    pub fn to_system_time(self, monotonic_ns: u64) -> SystemTime {
+    /// `monotonic_ns` as ns since the Unix epoch (0 before it).
+    pub fn to_unix_ns(self, monotonic_ns: u64) -> u64 {
         let unix_ns = (monotonic_ns as i128 + self.realtime_minus_monotonic_ns).max(0);
-        UNIX_EPOCH + Duration::from_nanos(u64::try_from(unix_ns).unwrap_or(u64::MAX))
+        u64::try_from(unix_ns).unwrap_or(u64::MAX)
+    }
+
+    pub fn to_system_time(self, monotonic_ns: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_nanos(self.to_unix_ns(monotonic_ns))
     }
 }
 

@@ -1,10 +1,11 @@
-//! Export: the only module that knows OpenTelemetry. Spans go through a bounded queue to a batch
-//! task that hands them to the configured exporter: OTLP (gRPC or HTTP) when an endpoint is
-//! configured, otherwise the terminal printer. A full queue or a failing collector never blocks
-//! the agent: spans are dropped and counted.
+//! Export: spans go through a bounded queue to a batch task that encodes them as OTLP protobuf
+//! and sends them to the configured receiver (gRPC or HTTP), several batches in flight, or
+//! prints them on the terminal when no endpoint is configured. A full queue or a failing
+//! collector never blocks the agent: spans are dropped and counted.
 
+mod client;
 mod config;
-mod otel;
+mod otlp;
 mod terminal;
 
 use std::{
@@ -16,10 +17,15 @@ use std::{
 };
 
 pub use config::{ExportConfig, ExportFlags, Protocol, Target};
-use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
-use tokio::sync::mpsc;
+use tokio::{
+    sync::{Semaphore, mpsc},
+    task::JoinSet,
+};
 
 use crate::{clock::Clock, span::HopSpan};
+
+/// Batches being sent at once: one slow round trip does not stall the encoding of the next.
+const MAX_IN_FLIGHT: usize = 4;
 
 /// What the pipeline has done, for the agent's periodic report and exit summary.
 #[derive(Debug, Default)]
@@ -45,14 +51,15 @@ impl ExportStats {
 /// The agent's handle: converts and enqueues spans without ever waiting.
 #[derive(Clone)]
 pub struct SpanSink {
-    sender: Option<mpsc::Sender<SpanData>>,
+    sender: Option<mpsc::Sender<(HopSpan, Clock)>>,
     stats: Arc<ExportStats>,
 }
 
 impl SpanSink {
-    pub fn send(&self, span: &HopSpan, clock: &Clock) {
+    /// Queues `span`, whose kernel times `clock` turns into Unix time.
+    pub fn send(&self, span: HopSpan, clock: &Clock) {
         let Some(sender) = &self.sender else { return };
-        match sender.try_send(otel::to_span_data(span, clock)) {
+        match sender.try_send((span, *clock)) {
             Ok(()) => {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
             }
@@ -81,20 +88,11 @@ impl SpanSink {
 
 enum Exporter {
     Terminal(terminal::TerminalExporter),
-    /// Boxed: much larger than the terminal printer, and there is one exporter per agent.
-    Otlp(Box<opentelemetry_otlp::SpanExporter>),
-}
-
-impl Exporter {
-    async fn export(&self, batch: Vec<SpanData>) -> Result<(), String> {
-        match self {
-            Self::Terminal(t) => {
-                t.print(&batch);
-                Ok(())
-            }
-            Self::Otlp(e) => e.export(batch).await.map_err(|e| e.to_string()),
-        }
-    }
+    /// Boxed: much larger than the terminal printer, and there is one per agent.
+    Otlp {
+        client: Box<client::OtlpClient>,
+        resource: opentelemetry_sdk::Resource,
+    },
 }
 
 pub struct Pipeline {
@@ -124,9 +122,16 @@ pub fn start(config: &ExportConfig) -> anyhow::Result<(SpanSink, Pipeline)> {
                 "exporting spans over OTLP {} to {endpoint}",
                 protocol.as_str()
             );
-            let mut exporter = otel::otlp_exporter(endpoint, *protocol, config.export_timeout)?;
-            exporter.set_resource(&config.resource());
-            Exporter::Otlp(Box::new(exporter))
+            let client = client::OtlpClient::new(
+                endpoint,
+                *protocol,
+                config.headers.as_deref(),
+                config.export_timeout,
+            )?;
+            Exporter::Otlp {
+                client: Box::new(client),
+                resource: config.resource(),
+            }
         }
     };
     let (sender, receiver) = mpsc::channel(config.max_queue_size);
@@ -155,21 +160,50 @@ impl Pipeline {
     }
 }
 
+/// Spans collected for the next export: printed lines or an OTLP request being encoded.
+enum Batch {
+    Terminal(terminal::TerminalExporter, Vec<(HopSpan, Clock)>),
+    Otlp(otlp::BatchEncoder, Box<client::OtlpClient>),
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        match self {
+            Self::Terminal(_, spans) => spans.len(),
+            Self::Otlp(encoder, _) => encoder.len(),
+        }
+    }
+
+    fn push(&mut self, span: HopSpan, clock: Clock) {
+        match self {
+            Self::Terminal(_, spans) => spans.push((span, clock)),
+            Self::Otlp(encoder, _) => encoder.push(&span, &clock),
+        }
+    }
+}
+
 async fn batch_loop(
-    mut receiver: mpsc::Receiver<SpanData>,
+    mut receiver: mpsc::Receiver<(HopSpan, Clock)>,
     exporter: Exporter,
     config: ExportConfig,
     stats: Arc<ExportStats>,
 ) {
-    let mut batch = Vec::with_capacity(config.max_export_batch_size);
+    let mut batch = match exporter {
+        Exporter::Terminal(printer) => Batch::Terminal(printer, Vec::new()),
+        Exporter::Otlp { client, resource } => {
+            Batch::Otlp(otlp::BatchEncoder::new(&resource), client)
+        }
+    };
     let mut tick = tokio::time::interval(config.schedule_delay);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failures_reported = 0u64;
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut sending = JoinSet::new();
+    let failures = Arc::new(AtomicU64::new(0));
     loop {
         let closed = tokio::select! {
             span = receiver.recv() => match span {
-                Some(span) => {
-                    batch.push(span);
+                Some((span, clock)) => {
+                    batch.push(span, clock);
                     if batch.len() < config.max_export_batch_size {
                         continue;
                     }
@@ -179,34 +213,60 @@ async fn batch_loop(
             },
             _ = tick.tick() => false,
         };
-        if !batch.is_empty() {
-            let spans =
-                std::mem::replace(&mut batch, Vec::with_capacity(config.max_export_batch_size));
-            let count = spans.len() as u64;
-            match tokio::time::timeout(config.export_timeout, exporter.export(spans)).await {
-                Ok(Ok(())) => {
+        // Reap finished sends so the set stays small.
+        while sending.try_join_next().is_some() {}
+        let count = batch.len() as u64;
+        if count > 0 {
+            match &mut batch {
+                Batch::Terminal(printer, spans) => {
+                    printer.print(spans);
+                    spans.clear();
                     stats.exported.fetch_add(count, Ordering::Relaxed);
-                    if failures_reported > 0 {
-                        log::info!("exporter recovered");
-                        failures_reported = 0;
-                    }
                 }
-                outcome => {
-                    let failed = stats.failed.fetch_add(count, Ordering::Relaxed) + count;
-                    // Log the first failure and then every 100th, not every batch.
-                    if failures_reported.is_multiple_of(100) {
-                        let why = match outcome {
-                            Ok(Err(e)) => e,
-                            _ => format!("timed out after {:?}", config.export_timeout),
-                        };
-                        log::warn!("export failed ({failed} spans lost so far): {why}");
-                    }
-                    failures_reported += 1;
+                Batch::Otlp(encoder, client) => {
+                    let request = encoder.take_request();
+                    // Waits when MAX_IN_FLIGHT batches are out: the queue then fills and drops
+                    // (counted) instead of memory growing without bound.
+                    let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let (mut client, stats, failures) =
+                        (client.clone(), stats.clone(), failures.clone());
+                    sending.spawn(async move {
+                        let outcome = client.export(request).await;
+                        drop(permit);
+                        record_outcome(outcome, count, &stats, &failures);
+                    });
                 }
             }
         }
         if closed {
+            // Shutdown: the sends in flight finish (the caller bounds the wait).
+            while sending.join_next().await.is_some() {}
             return;
+        }
+    }
+}
+
+/// Counts a batch's outcome; logs the first failure, every 100th after it, and recovery.
+fn record_outcome(
+    outcome: Result<(), String>,
+    count: u64,
+    stats: &ExportStats,
+    failures: &AtomicU64,
+) {
+    match outcome {
+        Ok(()) => {
+            stats.exported.fetch_add(count, Ordering::Relaxed);
+            if failures.swap(0, Ordering::Relaxed) > 0 {
+                log::info!("exporter recovered");
+            }
+        }
+        Err(why) => {
+            let failed = stats.failed.fetch_add(count, Ordering::Relaxed) + count;
+            if failures.fetch_add(1, Ordering::Relaxed).is_multiple_of(100) {
+                log::warn!("export failed ({failed} spans lost so far): {why}");
+            }
         }
     }
 }

@@ -4,11 +4,15 @@
 use std::{
     io::Write as _,
     sync::atomic::{AtomicBool, Ordering},
-    time::UNIX_EPOCH,
+    time::{Duration, UNIX_EPOCH},
 };
 
-use opentelemetry::{Value, trace::Status};
-use opentelemetry_sdk::{Resource, trace::SpanData};
+use opentelemetry_sdk::Resource;
+
+use crate::{
+    clock::Clock,
+    span::{HopSpan, Role, Value},
+};
 
 pub struct TerminalExporter {
     header_printed: AtomicBool,
@@ -27,7 +31,7 @@ impl TerminalExporter {
         }
     }
 
-    pub fn print(&self, batch: &[SpanData]) {
+    pub fn print(&self, batch: &[(HopSpan, Clock)]) {
         let mut out = std::io::stdout().lock();
         if !self.header_printed.swap(true, Ordering::Relaxed) {
             let _ = writeln!(
@@ -36,43 +40,42 @@ impl TerminalExporter {
                 self.service
             );
         }
-        for span in batch {
-            let _ = writeln!(out, "{}", format_span(span));
+        for (span, clock) in batch {
+            let _ = writeln!(out, "{}", format_span(span, clock));
         }
         let _ = out.flush();
     }
 }
 
-pub fn format_span(span: &SpanData) -> String {
+pub fn format_span(span: &HopSpan, clock: &Clock) -> String {
     let attr = |key: &str| {
-        span.attributes
-            .iter()
-            .find(|kv| kv.key.as_str() == key)
-            .map(|kv| match &kv.value {
-                Value::String(s) => s.as_str().to_string(),
-                other => other.to_string(),
-            })
+        span.attr(key).map(|value| match value {
+            Value::Str(s) => s.to_string(),
+            Value::Int(i) => i.to_string(),
+            Value::Bool(b) => b.to_string(),
+        })
     };
     let text = |key: &str| attr(key).unwrap_or_else(|| "?".into());
-    let duration = span
-        .end_time
-        .duration_since(span.start_time)
-        .unwrap_or_default();
+    let duration = Duration::from_nanos(span.end_ns.saturating_sub(span.start_ns));
     let uncertain = attr("hoptrace.uncertain");
-    let (status, detail) = match &span.status {
-        Status::Error { description } => ("ERROR", description.to_string()),
-        _ => ("ok", String::new()),
+    let (status, detail) = match &span.error {
+        Some(description) => ("ERROR", description.clone()),
+        None => ("ok", String::new()),
     };
     let process = match (attr("process.executable.name"), attr("process.pid")) {
         (Some(name), Some(pid)) => format!("{name}[{pid}]"),
         _ => "-".into(),
     };
-    let since_epoch = span
-        .start_time
+    let since_epoch = clock
+        .to_system_time(span.start_ns)
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     let secs_of_day = since_epoch.as_secs() % 86_400;
-    let trace = span.span_context.trace_id().to_string();
+    // The first 8 hex digits: enough to tell traces apart on a screen.
+    let trace: String = span.ids.trace_id[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let name = match (
         attr("http.request.method"),
         attr("url.path"),
@@ -95,7 +98,7 @@ pub fn format_span(span: &SpanData) -> String {
                 text("network.peer.port")
             );
             // Always client -> server, whichever side observed it.
-            if span.span_kind == opentelemetry::trace::SpanKind::Server {
+            if span.role == Role::Server {
                 format!("{peer} -> {local}")
             } else {
                 format!("{local} -> {peer}")
@@ -109,7 +112,7 @@ pub fn format_span(span: &SpanData) -> String {
         secs_of_day / 60 % 60,
         secs_of_day % 60,
         since_epoch.subsec_micros(),
-        &trace[..8],
+        trace,
         name,
         text("hoptrace.hop"),
         if uncertain.is_some() { "~" } else { " " },
