@@ -8,6 +8,7 @@ mod correlate;
 mod decode;
 mod ebpf;
 mod export;
+mod golang;
 mod kernel_offsets;
 mod listeners;
 mod nic;

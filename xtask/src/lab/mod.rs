@@ -25,6 +25,7 @@
 
 mod cmd;
 mod delay;
+pub mod golang;
 mod netns;
 pub mod pki;
 mod servers;
