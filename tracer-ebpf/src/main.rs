@@ -8,6 +8,8 @@ mod data;
 mod maps;
 mod nic;
 mod scope;
+mod tls_openssl;
+mod tls_plaintext;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -182,6 +182,9 @@ fn drain(
         match decode::decode(&record) {
             Ok(Event::Conn(event)) => pipeline.assembler.on_conn(&event, &mut pipeline.spans),
             Ok(Event::Data(event)) => pipeline.assembler.on_data(&event, &mut pipeline.spans),
+            Ok(Event::Plaintext(event)) => {
+                pipeline.assembler.on_plaintext(&event, &mut pipeline.spans)
+            }
             Err(e) => {
                 if counts.decode_errors == 0 {
                     log::warn!("undecodable ring-buffer record (counted, skipped): {e}");
