@@ -134,3 +134,8 @@ pub const TLS_CALLS: &str = "TLS_CALLS";
 pub const TLS_SESSIONS: &str = "TLS_SESSIONS";
 /// Per-CPU scratch for building a [`crate::plaintext::PlaintextEvent`].
 pub const PLAINTEXT_SCRATCH: &str = "PLAINTEXT_SCRATCH";
+/// LRU hash: [`crate::plaintext::GoroutineKey`] -> [`crate::plaintext::TlsCall`]: Go crypto/tls
+/// calls in progress, by goroutine.
+pub const GO_TLS_CALLS: &str = "GO_TLS_CALLS";
+/// LRU hash: tgid (u32) -> u8: processes with Go crypto/tls calls.
+pub const GO_TLS_PROCESSES: &str = "GO_TLS_PROCESSES";

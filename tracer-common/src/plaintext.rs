@@ -137,6 +137,23 @@ pub struct TlsSession {
 }
 const _: () = assert!(core::mem::size_of::<TlsSession>() == 16);
 
+/// A goroutine of a process: Go's TLS calls are keyed by it rather than by thread (a
+/// goroutine may resume on another thread). `g` is the runtime's goroutine pointer (R14).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GoroutineKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub g: u64,
+}
+const _: () = assert!(core::mem::size_of::<GoroutineKey>() == 16);
+
+impl GoroutineKey {
+    pub const fn new(tgid: u32, g: u64) -> Self {
+        Self { tgid, _pad: 0, g }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::PlaintextEvent {}

@@ -8,6 +8,7 @@ mod data;
 mod maps;
 mod nic;
 mod scope;
+mod tls_go;
 mod tls_openssl;
 mod tls_plaintext;
 

@@ -44,10 +44,27 @@ static PLAINTEXT_SCRATCH: PerCpuArray<PlaintextEvent> = PerCpuArray::with_max_en
 #[inline(always)]
 pub fn call_enter(library: u8, direction: u8, session: u64, buffer: u64, moved_out: u64) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !scope::pid_in_scope((pid_tgid >> 32) as u32) || !data::current_netns_in_scope() {
-        return;
+    if let Some(call) = new_call(pid_tgid, library, direction, session, buffer, moved_out) {
+        let _ = TLS_CALLS.insert(&pid_tgid, &call, 0);
     }
-    let call = TlsCall {
+}
+
+/// The call a library probe remembers at entry, or None when the process or namespace is out
+/// of scope. For libraries whose calls are not bound to a thread (Go: goroutines move between
+/// threads), the probe keeps it in its own map and passes it to [`call_finished`].
+#[inline(always)]
+pub fn new_call(
+    pid_tgid: u64,
+    library: u8,
+    direction: u8,
+    session: u64,
+    buffer: u64,
+    moved_out: u64,
+) -> Option<TlsCall> {
+    if !scope::pid_in_scope((pid_tgid >> 32) as u32) || !data::current_netns_in_scope() {
+        return None;
+    }
+    Some(TlsCall {
         enter_ns: unsafe { bpf_ktime_get_ns() },
         session,
         buffer,
@@ -55,15 +72,18 @@ pub fn call_enter(library: u8, direction: u8, session: u64, buffer: u64, moved_o
         direction,
         library,
         ..TlsCall::default()
-    };
-    let _ = TLS_CALLS.insert(&pid_tgid, &call, 0);
+    })
 }
 
 /// data.rs emitted a ciphertext record on this thread: if a library call in the same
-/// direction runs here, that record's socket is the call's.
+/// direction runs here (for Go: in the goroutine running here), that record's socket is the
+/// call's.
 #[inline(always)]
 pub fn on_ciphertext(pid_tgid: u64, record: &DataEvent) {
-    let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) else {
+    let Some(call) = TLS_CALLS
+        .get_ptr_mut(&pid_tgid)
+        .or_else(|| crate::tls_go::current_call(pid_tgid))
+    else {
         return;
     };
     let call = unsafe { &mut *call };
@@ -95,6 +115,12 @@ pub fn call_return(moved: Option<u64>) {
         return;
     };
     let _ = TLS_CALLS.remove(&pid_tgid);
+    call_finished(&call, pid_tgid, moved);
+}
+
+/// A call (from [`call_return`], or a library probe's own map) returned; see [`call_return`].
+#[inline(always)]
+pub fn call_finished(call: &TlsCall, pid_tgid: u64, moved: Option<u64>) {
     let moved = match moved {
         Some(n) => n,
         None if call.moved_out != 0 => {
@@ -128,7 +154,7 @@ pub fn call_return(moved: Option<u64>) {
             return;
         }
     };
-    let _ = emit(&call, pid_tgid, moved, joined, socket);
+    let _ = emit(call, pid_tgid, moved, joined, socket);
 }
 
 #[inline(always)]

@@ -8,6 +8,7 @@ mod correlate;
 mod decode;
 mod ebpf;
 mod export;
+mod go_tls;
 mod golang;
 mod kernel_offsets;
 mod listeners;

@@ -356,6 +356,17 @@ impl Lab {
         &self.persona_ca.cert
     }
 
+    /// A new certificate `<name>.pem`/`<name>.key` in the temp dir for the persona's name and
+    /// address, signed by [`Lab::persona_ca`]: for TLS servers a test starts itself (caddy, Go).
+    pub fn persona_certificate(&self, name: &str) -> Result<pki::CertKey> {
+        pki::create_leaf(
+            self.temp.path(),
+            name,
+            &format!("DNS:{PERSONA_TLS_NAME},IP:{PERSONA_IP}"),
+            &self.persona_ca,
+        )
+    }
+
     /// `http://10.10.2.2:8080<path>`: the Python server as seen from the agent.
     pub fn python_url(&self, path: &str) -> String {
         format!("http://{PERSONA_IP}:{PYTHON_PORT}{path}")
