@@ -41,7 +41,11 @@ fn wait_listening(lab: &Lab, server: &mut Background, addr: SocketAddr) {
             "{} exited before listening",
             server.label()
         );
-        assert!(Instant::now() < deadline, "{} not listening", server.label());
+        assert!(
+            Instant::now() < deadline,
+            "{} not listening",
+            server.label()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -88,27 +92,16 @@ fn start_go_server(lab: &Lab, port: u16) -> Background {
         .arg("-cert")
         .arg(&cert.cert)
         .arg("-key")
-        .arg(&cert.key);
+        .arg(&cert.key)
+        // Its log (a handshake error for each readiness probe) stays in the lab's dir.
+        .stderr(std::fs::File::create(lab.temp_dir().join("go-server.log")).unwrap());
     let mut server = Background::spawn(&mut cmd).unwrap();
     wait_listening(lab, &mut server, SocketAddr::new(PERSONA_IP.into(), port));
     server
 }
 
 fn start_agent(lab: &Lab, receiver: &OtlpReceiver) -> Agent {
-    let endpoint = receiver.grpc_endpoint();
-    Agent::start(
-        &[
-            "--netns",
-            lab.netns(Host::Agent).name(),
-            "--netns",
-            lab.netns(Host::Persona).name(),
-        ],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-        ],
-    )
-    .expect("agent")
+    Agent::watching_lab(lab, receiver).expect("agent")
 }
 
 /// curl over HTTP/1.1 to `https://persona.lab:<port><path>`, trusting the lab's persona CA.
@@ -133,7 +126,11 @@ fn curl(lab: &Lab, port: u16, path: &str, extra: &[&str]) {
     lab.run(Host::Agent, &argv).expect("curl");
 }
 
-fn request_span<'a>(spans: &'a [ReceivedSpan], hop: &str, trace_id: &str) -> Option<&'a ReceivedSpan> {
+fn request_span<'a>(
+    spans: &'a [ReceivedSpan],
+    hop: &str,
+    trace_id: &str,
+) -> Option<&'a ReceivedSpan> {
     spans.iter().find(|s| {
         s.attr_str("hoptrace.hop") == Some(hop)
             && s.trace_id == trace_id
@@ -163,7 +160,10 @@ fn assert_go_server_span(span: &ReceivedSpan, trace_id: &str, path: &str, execut
     assert_eq!(span.attr_str("http.request.method"), Some("GET"));
     assert_eq!(span.attr_str("url.path"), Some(path));
     assert_eq!(span.attr_i64("http.response.status_code"), Some(200));
-    assert_eq!(span.attr_str("hoptrace.tls.plaintext_from"), Some(GO_LIBRARY));
+    assert_eq!(
+        span.attr_str("hoptrace.tls.plaintext_from"),
+        Some(GO_LIBRARY)
+    );
     assert_eq!(span.attr_str("process.executable.name"), Some(executable));
 }
 
@@ -174,16 +174,27 @@ fn stripped_caddy_yields_the_persona_span_of_an_https_request() {
     let receiver = OtlpReceiver::start().expect("receiver");
     let mut agent = start_agent(&lab, &receiver);
     assert!(
-        agent.stderr().contains("Go crypto/tls probed in /usr/bin/caddy"),
+        agent
+            .stderr()
+            .contains("Go crypto/tls probed in /usr/bin/caddy"),
         "{}",
         agent.stderr()
     );
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4701";
-    curl(&lab, 8443, "/caddy-path", &["--http1.1", "-H", &traceparent(trace_id)]);
+    curl(
+        &lab,
+        8443,
+        "/caddy-path",
+        &["--http1.1", "-H", &traceparent(trace_id)],
+    );
     let span = wait_request_span(&receiver, &agent, "persona", trace_id);
     assert_go_server_span(&span, trace_id, "/caddy-path", "caddy");
     agent.stop().unwrap();
-    assert!(agent.stderr().contains("Go crypto/tls: 1 programs probed"), "{}", agent.stderr());
+    assert!(
+        agent.stderr().contains("Go crypto/tls: 1 programs probed"),
+        "{}",
+        agent.stderr()
+    );
 }
 
 #[test]
@@ -194,35 +205,58 @@ fn self_built_go_server_and_client_yield_persona_and_agent_spans() {
     let mut agent = start_agent(&lab, &receiver);
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4702";
-    curl(&lab, 8444, "/from-curl", &["--http1.1", "-H", &traceparent(trace_id)]);
+    curl(
+        &lab,
+        8444,
+        "/from-curl",
+        &["--http1.1", "-H", &traceparent(trace_id)],
+    );
     let span = wait_request_span(&receiver, &agent, "persona", trace_id);
     assert_go_server_span(&span, trace_id, "/from-curl", "https");
 
-    // The Go client on the agent side (its Write carries the traceparent; the agent sees it
-    // after its scan picks the new process up: a program started after the agent).
+    // The Go client on the agent side: its Write carries the traceparent. It starts after the
+    // agent and waits 1.5 s before its request, so the agent's scan (every 0.5 s) finds it.
     let client = go_binary(GoProgram::Https).unwrap();
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4703";
     let url = format!("https://{PERSONA_IP}:8444/from-go");
-    let ca = lab.persona_ca().to_owned();
+    let ca = lab.persona_ca().to_str().unwrap().to_owned();
     let tp = format!("00-{trace_id}-{PARENT_ID}-01");
     let status = lab
         .run_stdout(
             Host::Agent,
             &[
-                client.as_os_str(),
-                "-get".as_ref(),
-                url.as_ref(),
-                "-ca".as_ref(),
-                ca.as_os_str(),
-                "-traceparent".as_ref(),
-                tp.as_ref(),
+                client.to_str().unwrap(),
+                "-delay",
+                "1500ms",
+                "-get",
+                &url,
+                "-ca",
+                &ca,
+                "-traceparent",
+                &tp,
             ],
         )
         .unwrap();
     assert_eq!(status.trim(), "200");
-    let span = wait_request_span(&receiver, &agent, "persona", trace_id);
-    assert_go_server_span(&span, trace_id, "/from-go", "https");
+    let server = wait_request_span(&receiver, &agent, "persona", trace_id);
+    assert_go_server_span(&server, trace_id, "/from-go", "https");
+    let client = wait_request_span(&receiver, &agent, "agent", trace_id);
+    assert_eq!(client.kind, span_kind::CLIENT, "{client:#?}");
+    assert_eq!(client.parent_span_id, PARENT_ID);
+    assert_eq!(client.attr_str("url.path"), Some("/from-go"));
+    assert_eq!(client.attr_i64("http.response.status_code"), Some(200));
+    assert_eq!(
+        client.attr_str("hoptrace.tls.plaintext_from"),
+        Some(GO_LIBRARY)
+    );
+    // The client's request spans the server's.
+    assert!(client.start_time() <= server.start_time() && server.end_time() <= client.end_time());
     agent.stop().unwrap();
+    assert!(
+        agent.stderr().contains("Go crypto/tls: 1 programs probed"),
+        "one executable, two processes: {}",
+        agent.stderr()
+    );
 }
 
 #[test]
@@ -231,7 +265,10 @@ fn a_go_program_without_crypto_tls_is_skipped_with_a_log_line_and_counted() {
     let binary = go_binary(GoProgram::PlainTcp).unwrap();
     let listen = format!("{PERSONA_IP}:9000");
     let mut plain = lab
-        .spawn(Host::Persona, &[binary.as_os_str(), "-listen".as_ref(), listen.as_ref()])
+        .spawn(
+            Host::Persona,
+            &[binary.as_os_str(), "-listen".as_ref(), listen.as_ref()],
+        )
         .unwrap();
     wait_listening(&lab, &mut plain, SocketAddr::new(PERSONA_IP.into(), 9000));
     let receiver = OtlpReceiver::start().expect("receiver");
@@ -242,7 +279,10 @@ fn a_go_program_without_crypto_tls_is_skipped_with_a_log_line_and_counted() {
         log.contains("not probing") && log.contains("no crypto/tls in this Go program"),
         "{log}"
     );
-    assert!(log.contains("Go crypto/tls: 0 programs probed, 1 skipped"), "{log}");
+    assert!(
+        log.contains("Go crypto/tls: 0 programs probed, 1 skipped"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -253,8 +293,13 @@ fn http2_to_caddy_yields_connection_spans_and_no_made_up_request() {
     let mut agent = start_agent(&lab, &receiver);
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4704";
     // curl's default with caddy: HTTP/2 (HPACK headers, not decoded).
-    curl(&lab, 8445, "/h2", &["--http2", "-H", &traceparent(trace_id)]);
-    let spans = receiver
+    curl(
+        &lab,
+        8445,
+        "/h2",
+        &["--http2", "-H", &traceparent(trace_id)],
+    );
+    receiver
         .try_wait_for_spans(
             |spans| spans.iter().any(|s| s.name == "tcp.accept"),
             Duration::from_secs(15),
@@ -272,5 +317,4 @@ fn http2_to_caddy_yields_connection_spans_and_no_made_up_request() {
             );
         }
     }
-    drop(spans);
 }

@@ -137,20 +137,30 @@ pub struct TlsSession {
 }
 const _: () = assert!(core::mem::size_of::<TlsSession>() == 16);
 
-/// A goroutine of a process: Go's TLS calls are keyed by it rather than by thread (a
-/// goroutine may resume on another thread). `g` is the runtime's goroutine pointer (R14).
+/// A Go crypto/tls call of a goroutine: Go's TLS calls are keyed by goroutine rather than by
+/// thread (a goroutine may resume on another thread). `g` is the runtime's goroutine pointer
+/// (R14); `call` one of [`go_call`], since a Read may run the handshake inside it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GoroutineKey {
     pub tgid: u32,
-    pub _pad: u32,
+    pub call: u32,
     pub g: u64,
 }
 const _: () = assert!(core::mem::size_of::<GoroutineKey>() == 16);
 
+/// Which Go call a [`GoroutineKey`] names.
+pub mod go_call {
+    /// `(*Conn).Write` or `(*Conn).Read`: moves plaintext.
+    pub const DATA: u32 = 0;
+    /// `(*Conn).handshakeContext`: moves none, but its first read learns the session's socket
+    /// (net/http handshakes before its first Read, which may then find the request buffered).
+    pub const HANDSHAKE: u32 = 1;
+}
+
 impl GoroutineKey {
-    pub const fn new(tgid: u32, g: u64) -> Self {
-        Self { tgid, _pad: 0, g }
+    pub const fn new(tgid: u32, call: u32, g: u64) -> Self {
+        Self { tgid, call, g }
     }
 }
 

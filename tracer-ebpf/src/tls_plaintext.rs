@@ -128,21 +128,25 @@ pub fn call_finished(call: &TlsCall, pid_tgid: u64, moved: Option<u64>) {
         }
         None => 0,
     };
-    if moved == 0 {
-        return;
-    }
     let session_key = TlsSessionKey {
         tgid: (pid_tgid >> 32) as u32,
         _pad: 0,
         session: call.session,
     };
-    let joined = if call.skaddr != 0 {
+    // Even a call that moved no plaintext (a handshake) teaches the session its socket: the
+    // data that follows may have been buffered by the library during it, without a syscall.
+    if call.skaddr != 0 {
         let known = TlsSession {
             skaddr: call.skaddr,
             netns_ino: call.netns_ino,
             _pad: 0,
         };
         let _ = TLS_SESSIONS.insert(&session_key, &known, 0);
+    }
+    if moved == 0 {
+        return;
+    }
+    let joined = if call.skaddr != 0 {
         joined_by::SYSCALL_IN_CALL
     } else {
         joined_by::SESSION

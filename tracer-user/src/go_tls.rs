@@ -1,7 +1,7 @@
 //! Attaching the Go crypto/tls probes (tracer-ebpf's tls_go.rs) to the Go programs of the
 //! processes in scope: each executable is analysed once (golang.rs) by file identity, then
-//! probed at `crypto/tls.(*Conn).Write`/`.Read` entries and at their RET instructions, for
-//! every process running it. Processes are looked for at start and then on every
+//! probed at `crypto/tls.(*Conn).Write`/`.Read`/`.handshakeContext` entries and at their RET
+//! instructions, for every process running it. Processes are looked for at start and then on every
 //! [`GoTls::rescan`], so programs started after the agent are found too.
 //!
 //! A Go program that cannot be probed (too old for the register ABI, an unknown pclntab
@@ -28,6 +28,8 @@ use crate::{
 const WRITE_ENTRY: &str = "go_tls_write";
 const READ_ENTRY: &str = "go_tls_read";
 const RETURN: &str = "go_tls_return";
+const HANDSHAKE_ENTRY: &str = "go_tls_handshake";
+const HANDSHAKE_RETURN: &str = "go_tls_handshake_return";
 
 /// What became of an executable.
 enum Outcome {
@@ -86,7 +88,10 @@ impl GoTls {
         };
         let mut alive = HashSet::new();
         for entry in entries.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok())
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
             else {
                 continue;
             };
@@ -159,7 +164,7 @@ impl GoTls {
     }
 }
 
-/// Attaches the entry probes and the RET probes of both functions to `exe`.
+/// Attaches the entry probes and the RET probes of the three functions to `exe`.
 fn attach(ebpf: &mut Ebpf, exe: &Path, binary: &GoTlsBinary) -> anyhow::Result<()> {
     let rets: Vec<u64> = binary
         .write
@@ -172,15 +177,15 @@ fn attach(ebpf: &mut Ebpf, exe: &Path, binary: &GoTlsBinary) -> anyhow::Result<(
         (WRITE_ENTRY, vec![binary.write.entry_offset]),
         (READ_ENTRY, vec![binary.read.entry_offset]),
         (RETURN, rets),
+        (HANDSHAKE_ENTRY, vec![binary.handshake.entry_offset]),
+        (HANDSHAKE_RETURN, binary.handshake.ret_offsets.clone()),
     ] {
         let probe: &mut UProbe = ebpf
             .program_mut(program)
             .with_context(|| format!("program {program} missing from the object"))?
             .try_into()?;
         if probe.fd().is_err() {
-            probe
-                .load()
-                .with_context(|| format!("loading {program}"))?;
+            probe.load().with_context(|| format!("loading {program}"))?;
         }
         probe
             .attach(&offsets, exe, UProbeScope::AllProcesses)

@@ -1,5 +1,5 @@
-//! Where to probe a Go binary's crypto/tls: the file offsets of `crypto/tls.(*Conn).Write` and
-//! `.Read`, and of every RET instruction inside them.
+//! Where to probe a Go binary's crypto/tls: the file offsets of `crypto/tls.(*Conn).Write`,
+//! `.Read` and `.handshakeContext`, and of every RET instruction inside them.
 //!
 //! Go moves goroutine stacks, so a uretprobe (which overwrites the return address on the
 //! stack) can crash the program; the exit probes go on the RET instructions instead, found by
@@ -18,6 +18,8 @@ use object::{Architecture, Object as _, ObjectSection as _, ObjectSymbol as _};
 /// The probed methods, by their Go symbol names.
 pub const WRITE_SYMBOL: &str = "crypto/tls.(*Conn).Write";
 pub const READ_SYMBOL: &str = "crypto/tls.(*Conn).Read";
+/// Probed for the socket only: net/http handshakes before its first Read (Go 1.17+).
+pub const HANDSHAKE_SYMBOL: &str = "crypto/tls.(*Conn).handshakeContext";
 
 /// Why a binary is not probed. Every variant is a clear "skip this binary" for the caller.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +82,7 @@ pub struct GoTlsBinary {
     pub source: SymbolSource,
     pub write: GoFunction,
     pub read: GoFunction,
+    pub handshake: GoFunction,
 }
 
 /// Reads and analyses the binary at `path`.
@@ -134,6 +137,7 @@ pub fn analyze(data: &[u8]) -> Result<GoTlsBinary, GoBinaryError> {
         source,
         write: function(WRITE_SYMBOL, ranges.write)?,
         read: function(READ_SYMBOL, ranges.read)?,
+        handshake: function(HANDSHAKE_SYMBOL, ranges.handshake)?,
     })
 }
 
@@ -142,6 +146,7 @@ pub fn analyze(data: &[u8]) -> Result<GoTlsBinary, GoBinaryError> {
 struct Ranges {
     write: Option<(u64, u64)>,
     read: Option<(u64, u64)>,
+    handshake: Option<(u64, u64)>,
 }
 
 impl Ranges {
@@ -150,6 +155,8 @@ impl Ranges {
             self.write = Some(range);
         } else if name == READ_SYMBOL.as_bytes() {
             self.read = Some(range);
+        } else if name == HANDSHAKE_SYMBOL.as_bytes() {
+            self.handshake = Some(range);
         }
     }
 }

@@ -13,10 +13,12 @@ const CADDY: &str = "/usr/bin/caddy";
 /// off by the .text/textStart difference (0x100 in caddy) lands mid-function.
 fn opens_with_stack_check(code: &[u8]) -> bool {
     const CMP_RSP: [u8; 4] = [0x49, 0x3b, 0x66, 0x10];
-    const LEA_R12: [u8; 4] = [0x4c, 0x8d, 0x64, 0x24];
+    // lea r12, [rsp+disp8] / [rsp+disp32]
+    const LEA_R12: [[u8; 4]; 2] = [[0x4c, 0x8d, 0x64, 0x24], [0x4c, 0x8d, 0xa4, 0x24]];
     const CMP_R12: [u8; 4] = [0x4d, 0x3b, 0x66, 0x10];
     code.starts_with(&CMP_RSP)
-        || (code.starts_with(&LEA_R12) && code[4..12].windows(4).any(|w| w == CMP_R12))
+        || (LEA_R12.iter().any(|lea| code.starts_with(lea))
+            && code[4..16].windows(4).any(|w| w == CMP_R12))
 }
 
 fn read(path: &str) -> Vec<u8> {
@@ -58,6 +60,7 @@ fn stripped_caddy_through_pclntab() {
     );
     assert_probe_points(&data, &binary.write);
     assert_probe_points(&data, &binary.read);
+    assert_probe_points(&data, &binary.handshake);
     assert_ne!(binary.write.entry_offset, binary.read.entry_offset);
 }
 
@@ -94,6 +97,11 @@ fn self_built_symtab_and_pclntab_agree() {
     for (name, symtab, pclntab) in [
         (WRITE_SYMBOL, from_symtab.write, from_pclntab.write),
         (READ_SYMBOL, from_symtab.read, from_pclntab.read),
+        (
+            HANDSHAKE_SYMBOL,
+            from_symtab.handshake,
+            from_pclntab.handshake,
+        ),
     ] {
         let ((start, end), (pcln_start, pcln_end)) = symtab.zip(pclntab).expect(name);
         assert_eq!(start, pcln_start, "{name}");

@@ -65,14 +65,17 @@ pub fn go_binary(program: GoProgram) -> Result<PathBuf> {
         (file, text).hash(&mut hasher);
     }
     let cache = cache_dir();
-    let binary = cache.join(format!("{}-{:016x}", program.package(), hasher.finish()));
+    // One directory per source hash, the binary named as its package: the process name
+    // (comm) is then the package's, as spans report it.
+    let dir = cache.join(format!("{}-{:016x}", program.package(), hasher.finish()));
+    let binary = dir.join(program.package());
     if binary.exists() {
         return Ok(binary);
     }
-    std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let partial = tempfile::Builder::new()
         .prefix(&format!("{}.partial-", program.package()))
-        .tempfile_in(&cache)
+        .tempfile_in(&dir)
         .context("creating the Go build's output file")?
         .into_temp_path();
     run_command(
