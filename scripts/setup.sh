@@ -13,7 +13,8 @@ BPF_LINKER_ROOT="$TOOLS_DIR/bpf-linker-$BPF_LINKER_VERSION-rust-$RUST_TOOLCHAIN"
 
 # Debian packages: the lab's servers, clients and plumbing, and what the tests drive.
 DEBIAN_PACKAGES=(iproute2 iptables nginx-light wrk curl python3 tcpdump
-  libnetfilter-queue1 procps psmisc openssl haproxy)
+  libnetfilter-queue1 procps psmisc openssl haproxy
+  caddy golang-1.19-go)   # Go crypto/tls: Debian's stripped caddy, and the lab's own Go programs
 # PyPI packages: the OTLP receiver the end-to-end tests export to, and the OpenTelemetry SDK
 # clients that test that receiver (googleapis-common-protos pinned so protobuf stays 4.25.5).
 PYTHON_PACKAGES=(opentelemetry-proto==1.27.0 grpcio==1.66.2 protobuf==4.25.5
@@ -40,7 +41,7 @@ install_debian_packages() {
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The lab starts its own servers inside namespaces; the host's default instances stay off.
-  systemctl disable --now nginx haproxy >/dev/null 2>&1 || true
+  systemctl disable --now nginx haproxy caddy >/dev/null 2>&1 || true
   pkill -x nginx 2>/dev/null || true
 }
 

@@ -43,6 +43,28 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Starts the agent watching the lab's agent and persona namespaces (not fw: the middlebox
+    /// stays uninstrumented), exporting over OTLP/gRPC to `receiver`.
+    pub fn watching_lab(
+        lab: &xtask::lab::Lab,
+        receiver: &crate::receiver::OtlpReceiver,
+    ) -> Result<Self> {
+        use xtask::lab::Host;
+        let endpoint = receiver.grpc_endpoint();
+        Self::start(
+            &[
+                "--netns",
+                lab.netns(Host::Agent).name(),
+                "--netns",
+                lab.netns(Host::Persona).name(),
+            ],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ],
+        )
+    }
+
     /// Starts `hoptrace agent ARGS` with extra environment and waits for it to be attached.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let mut command = Command::new(hoptrace_bin()?);

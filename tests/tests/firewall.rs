@@ -24,20 +24,7 @@ const NEVER_EARLY_SLACK: Duration = Duration::from_micros(50);
 const SUM_TOLERANCE: Duration = Duration::from_micros(500);
 
 fn start(lab: &Lab, receiver: &OtlpReceiver) -> Agent {
-    let endpoint = receiver.grpc_endpoint();
-    Agent::start(
-        &[
-            "--netns",
-            lab.netns(Host::Agent).name(),
-            "--netns",
-            lab.netns(Host::Persona).name(),
-        ],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-        ],
-    )
-    .expect("agent")
+    Agent::watching_lab(lab, receiver).expect("agent")
 }
 
 fn spans_of(receiver: &OtlpReceiver, trace_id: &str, firewall_spans: usize) -> Vec<ReceivedSpan> {

@@ -121,7 +121,7 @@ fn enter(ctx: &TracePointContext, direction: u8, kind: u8) {
 /// The calling task's network namespace, when a netns filter is set (entry-time pruning: most
 /// reads and writes on a host are not ours and should cost one map lookup at most).
 #[inline(always)]
-fn current_netns_in_scope() -> bool {
+pub(crate) fn current_netns_in_scope() -> bool {
     if !scope::netns_filter_enabled() {
         return true;
     }
@@ -289,6 +289,8 @@ fn emit(context: &SyscallContext, pid_tgid: u64, moved: u64) -> Result<(), ()> {
         captured = MAX_CAPTURE as u64;
     }
     event.captured = captured as u16;
+    // A TLS library call running on this thread learns its socket and kernel timestamps.
+    crate::tls_plaintext::on_ciphertext(pid_tgid, event);
     let bytes = unsafe {
         core::slice::from_raw_parts(
             (event as *const DataEvent).cast::<u8>(),
@@ -338,7 +340,7 @@ fn ports(sk: u64, off: &KernelOffsets) -> (u16, u16) {
 }
 
 #[inline(always)]
-fn fill_addresses(event: &mut DataEvent, sk: u64, off: &KernelOffsets) {
+pub(crate) fn fill_addresses(event: &mut DataEvent, sk: u64, off: &KernelOffsets) {
     let (local, remote) = ports(sk, off);
     event.sport = local;
     event.dport = remote;

@@ -17,6 +17,7 @@ use crate::{
     decode::{self, Event},
     ebpf,
     export::{self, ExportConfig, ExportFlags, SpanSink},
+    go_tls::GoTls,
     nic::KernelNicTimes,
     requests::{self, Assembler},
     sampling::{Sampler, Untraced},
@@ -100,6 +101,11 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     if attached.nic {
         assembler = assembler.with_nic(Box::new(KernelNicTimes::take(&mut object)?));
     }
+    // Go TLS plaintext joins its socket through the syscall layer: without it, nothing to do.
+    let mut go_tls = attached.requests.then(|| GoTls::new(&scope));
+    if let Some(go_tls) = &mut go_tls {
+        go_tls.rescan(&mut object);
+    }
     let mut pipeline = Pipeline {
         assembler,
         correlator: Correlator::new(correlate::Config::default()),
@@ -132,6 +138,9 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             }
             _ = sweep.tick() => {
                 pipeline.assembler.sweep(clock::monotonic_now_ns(), &mut pipeline.spans);
+                if let Some(go_tls) = &mut go_tls {
+                    go_tls.rescan(&mut object);
+                }
                 pipeline.emit(&clock);
             }
             _ = sigterm.recv() => break,
@@ -152,9 +161,13 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     pipeline.emit(&clock);
     let request_stats = pipeline.assembler.stats.summary();
     let join = &pipeline.correlator.stats;
+    let go_stats = go_tls.map(|g| format!("; {}", g.stats.summary()));
     let request_stats = format!(
-        "{request_stats}; firewall joins {}, one-sided {}, inconsistent {}",
-        join.joined, join.one_sided, join.inconsistent
+        "{request_stats}; firewall joins {}, one-sided {}, inconsistent {}{}",
+        join.joined,
+        join.one_sided,
+        join.inconsistent,
+        go_stats.unwrap_or_default()
     );
     drop(pipeline);
     let stats = sink.stats();
@@ -182,6 +195,9 @@ fn drain(
         match decode::decode(&record) {
             Ok(Event::Conn(event)) => pipeline.assembler.on_conn(&event, &mut pipeline.spans),
             Ok(Event::Data(event)) => pipeline.assembler.on_data(&event, &mut pipeline.spans),
+            Ok(Event::Plaintext(event)) => {
+                pipeline.assembler.on_plaintext(&event, &mut pipeline.spans)
+            }
             Err(e) => {
                 if counts.decode_errors == 0 {
                     log::warn!("undecodable ring-buffer record (counted, skipped): {e}");

@@ -8,6 +8,8 @@ mod correlate;
 mod decode;
 mod ebpf;
 mod export;
+mod go_tls;
+mod golang;
 mod kernel_offsets;
 mod listeners;
 mod nic;

@@ -19,6 +19,7 @@ use tracer_common::{
     conn::{ConnEvent, ConnTransition},
     data::{DIRECTION_SEND, DataEvent},
     http::{self, Headers},
+    plaintext::{PlaintextEvent, library},
     trace_context,
 };
 
@@ -126,6 +127,20 @@ struct Stamp {
     seq: u32,
     /// Receive records: when that segment arrived at the NIC (0 = unknown).
     nic_ns: u64,
+    /// TLS plaintext records: when the application called the TLS library (0 = not through a
+    /// library probe; then `enter_ns` is the application's own syscall).
+    library_ns: u64,
+}
+
+impl Stamp {
+    /// When the application handed the bytes over: to the TLS library, else to the kernel.
+    fn handed_over(&self) -> u64 {
+        if self.library_ns != 0 {
+            self.library_ns
+        } else {
+            self.enter_ns
+        }
+    }
 }
 
 /// Who is at the ends of a socket, from its latest record.
@@ -136,6 +151,9 @@ struct Endpoint {
     netns: u32,
     local: Option<(IpAddr, u16)>,
     peer: Option<(IpAddr, u16)>,
+    /// The TLS library whose uprobes give this socket's plaintext; its ciphertext records are
+    /// then not parsed for HTTP.
+    plaintext_from: Option<&'static str>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -559,13 +577,33 @@ impl Assembler {
         }
     }
 
+    /// A send or receive syscall's record. On a socket whose plaintext comes from a TLS
+    /// library probe, this is ciphertext: ignored here.
     pub fn on_data(&mut self, event: &DataEvent, out: &mut Vec<HopSpan>) {
+        self.on_record(event, 0, None, out);
+    }
+
+    /// Plaintext of a TLS socket from a library probe: parsed like a plaintext socket's
+    /// records, timed from the library call (see `tracer_common::plaintext`).
+    pub fn on_plaintext(&mut self, event: &PlaintextEvent, out: &mut Vec<HopSpan>) {
+        let from = library::name(event.library);
+        self.on_record(&event.data, event.library_enter_ns, Some(from), out);
+    }
+
+    fn on_record(
+        &mut self,
+        event: &DataEvent,
+        library_ns: u64,
+        plaintext_from: Option<&'static str>,
+        out: &mut Vec<HopSpan>,
+    ) {
         let stamp = Stamp {
             enter_ns: event.enter_ns,
             tcp_ns: event.tcp_ns,
             exit_ns: event.header.ts_ns,
             seq: event.seq,
             nic_ns: event.nic_ns,
+            library_ns,
         };
         let captured = usize::from(event.captured).min(event.data.len());
         let data = &event.data[..captured];
@@ -593,7 +631,20 @@ impl Assembler {
         // Addresses don't change; the owner may (a socket passed on): refresh only then, not for
         // every record (it allocates).
         if socket.endpoint.local.is_none() || socket.endpoint.tgid != event.header.tgid {
+            let tls = socket.endpoint.plaintext_from;
             socket.endpoint = endpoint(event);
+            socket.endpoint.plaintext_from = tls;
+        }
+        match (plaintext_from, socket.endpoint.plaintext_from) {
+            (None, Some(_)) => return, // ciphertext: its plaintext comes from the library
+            (Some(from), None) => {
+                // The first plaintext: what the streams made of the handshake's ciphertext
+                // is meaningless.
+                socket.endpoint.plaintext_from = Some(from);
+                socket.outgoing = Stream::default();
+                socket.incoming = Stream::default();
+            }
+            _ => {}
         }
         if socket.side.is_none() {
             // A connection older than the agent: who is the client shows in the first bytes.
@@ -934,6 +985,10 @@ fn build_spans(
         ),
     ];
     attributes.extend(endpoint_attributes(endpoint, side));
+    if let Some(from) = endpoint.plaintext_from {
+        attributes.push(("url.scheme", "https".into()));
+        attributes.push(("hoptrace.tls.plaintext_from", from.into()));
+    }
     if request.truncated {
         attributes.push((
             "hoptrace.uncertain",
@@ -951,8 +1006,12 @@ fn build_spans(
     let hop = match side {
         Side::Client => {
             let req = request.stamp;
-            let mut start = req.enter_ns;
-            let mut events = vec![("request.to_kernel", req.enter_ns)];
+            let mut start = req.handed_over();
+            let mut events = Vec::new();
+            if req.library_ns != 0 {
+                events.push(("request.to_tls", req.library_ns));
+            }
+            events.push(("request.to_kernel", req.enter_ns));
             if req.tcp_ns != 0 {
                 events.push(("request.tcp_queued", req.tcp_ns));
             }
@@ -1021,7 +1080,7 @@ fn build_spans(
                 ));
             }
             let kernel_rx = req.exit_ns.saturating_sub(start);
-            let app = response.enter_ns.saturating_sub(req.exit_ns);
+            let app = response.handed_over().saturating_sub(req.exit_ns);
             let kernel_tx = end.saturating_sub(response.enter_ns.max(start));
             attributes.push(("hoptrace.kernel_receive_ns", (kernel_rx as i64).into()));
             attributes.push(("hoptrace.application_ns", (app as i64).into()));
@@ -1040,7 +1099,7 @@ fn build_spans(
                 spans.push(child("kernel receive", start, req.exit_ns));
             }
             if env.layer_spans {
-                spans.push(child("application", req.exit_ns, response.enter_ns));
+                spans.push(child("application", req.exit_ns, response.handed_over()));
             }
             if env.layer_spans && (last.tcp_ns != 0 || left.is_some()) {
                 // From the response head handed over to its last byte queued by TCP (or its
@@ -1071,7 +1130,8 @@ fn build_spans(
                     arrived.map(|t| ("request.nic_ingress", t)),
                     (req.tcp_ns != 0).then_some(("request.at_tcp", req.tcp_ns)),
                     Some(("request.to_app", req.exit_ns)),
-                    Some(("response.from_app", response.enter_ns)),
+                    Some(("response.from_app", response.handed_over())),
+                    (response.library_ns != 0).then_some(("response.to_kernel", response.enter_ns)),
                     left.map(|t| ("response.nic_egress", t)),
                 ]
                 .into_iter()
@@ -1126,6 +1186,7 @@ fn endpoint(event: &DataEvent) -> Endpoint {
         netns: event.netns_ino,
         local: Some((conn_spans::address(family, &event.saddr), event.sport)),
         peer: Some((conn_spans::address(family, &event.daddr), event.dport)),
+        plaintext_from: None,
     }
 }
 
