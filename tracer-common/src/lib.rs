@@ -12,4 +12,5 @@ pub mod data;
 pub mod http;
 pub mod maps;
 pub mod nic;
+pub mod tls;
 pub mod trace_context;

@@ -1606,3 +1606,6 @@ fn by_default_the_persona_layers_are_attributes_not_spans() {
     );
     assert_eq!(attr("hoptrace.application_ns"), Some(Value::Int(900_000)));
 }
+
+#[path = "tls_handshake_tests.rs"]
+mod tls;
