@@ -25,6 +25,7 @@
 
 mod cmd;
 mod delay;
+mod interception;
 mod netns;
 pub mod pki;
 mod servers;
@@ -45,6 +46,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+pub use self::interception::{INTERCEPTION_PORT, TlsInterception};
 pub use self::{
     cmd::run_command,
     netns::{NETNS_DIR, Netns},
