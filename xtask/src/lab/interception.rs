@@ -80,7 +80,7 @@ impl Lab {
         .to_vec();
         // haproxy first, then the rule: no connection is redirected to a port nobody listens on.
         let process = servers::spawn_logged(
-            &mut self.exec(Host::Fw, &["haproxy", "-db", "-f"]).arg(&config),
+            self.exec(Host::Fw, &["haproxy", "-db", "-f"]).arg(&config),
             &log,
         )?;
         let mut interception = TlsInterception {
