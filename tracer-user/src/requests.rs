@@ -27,7 +27,7 @@ use crate::{
     nic::NicTimes,
     sampling::{Sampler, Untraced},
     span::{HopSpan, Role, SpanIds, Value},
-    tls_handshake::{self, Gone, Handshake, Tls},
+    tls_handshake::{self, Gone, Tls},
 };
 
 /// Head bytes buffered per stream before the head counts as truncated (a 64 KiB header must
@@ -1124,31 +1124,23 @@ fn tls_bytes(
     out: &mut Vec<HopSpan>,
 ) -> bool {
     let sending = event.direction == DIRECTION_SEND;
-    if matches!(socket.tls, Tls::Unknown) && !data.is_empty() {
-        socket.tls = match tls_handshake::classify(data, sending, [event.sport, event.dport], stats)
-        {
-            tls_handshake::FirstBytes::Handshake { client } => {
-                socket
-                    .side
-                    .get_or_insert(if client { Side::Client } else { Side::Server });
-                Tls::Tracking(Box::new(Handshake::new(client)))
-            }
-            tls_handshake::FirstBytes::MidStream => Tls::Ignored,
-            tls_handshake::FirstBytes::NotTls => Tls::No,
-        };
-    }
-    if !socket.tls.is_tls() {
-        return false;
-    }
+    let moment = tls_handshake::Moment {
+        enter_ns: event.enter_ns,
+        exit_ns: event.header.ts_ns,
+        tcp_ns: event.tcp_ns,
+        nic_ns: event.nic_ns,
+    };
+    let ports = [event.sport, event.dport];
+    let route = socket
+        .tls
+        .route(data, u64::from(event.len), sending, moment, ports, stats);
     if let Tls::Tracking(handshake) = &mut socket.tls {
-        let moment = tls_handshake::Moment {
-            enter_ns: event.enter_ns,
-            exit_ns: event.header.ts_ns,
-            tcp_ns: event.tcp_ns,
-            nic_ns: event.nic_ns,
-        };
-        let progress = handshake.on_data(data, u64::from(event.len), sending, moment, stats);
-        if progress == tls_handshake::Progress::Ready {
+        socket.side.get_or_insert(if handshake.is_client() {
+            Side::Client
+        } else {
+            Side::Server
+        });
+        if route == tls_handshake::Route::Tls(tls_handshake::Progress::Ready) {
             let span = handshake.span(tls_attributes(&socket.endpoint, socket.side), stats);
             socket.tls = Tls::Ignored;
             let failed = span.error.is_some();
@@ -1159,7 +1151,7 @@ fn tls_bytes(
             }
         }
     }
-    true
+    route != tls_handshake::Route::Http
 }
 
 /// Exports a socket's held connect/accept and TLS handshake spans without a request: the TLS

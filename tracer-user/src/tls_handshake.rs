@@ -89,7 +89,7 @@ impl Stats {
 }
 
 /// What a connection's first bytes say about TLS.
-pub enum FirstBytes {
+enum FirstBytes {
     /// A ClientHello: follow the handshake. `client` is whether this socket sent it.
     Handshake {
         client: bool,
@@ -101,7 +101,7 @@ pub enum FirstBytes {
 
 /// Classifies a connection's first captured bytes (counting what is skipped). `ports` are the
 /// socket's local and remote ports.
-pub fn classify(data: &[u8], sending: bool, ports: [u16; 2], stats: &mut Stats) -> FirstBytes {
+fn classify(data: &[u8], sending: bool, ports: [u16; 2], stats: &mut Stats) -> FirstBytes {
     if tls::looks_like_client_hello(data) {
         stats.handshakes += 1;
         return FirstBytes::Handshake { client: sending };
@@ -310,7 +310,7 @@ pub enum Progress {
 }
 
 impl Handshake {
-    pub fn new(client: bool) -> Self {
+    fn new(client: bool) -> Self {
         let mut handshake = Self {
             client,
             outgoing: RecordReader::default(),
@@ -331,6 +331,11 @@ impl Handshake {
         handshake.outgoing.keep_bodies = true;
         handshake.incoming.keep_bodies = true;
         handshake
+    }
+
+    /// Whether this socket sent the ClientHello.
+    pub fn is_client(&self) -> bool {
+        self.client
     }
 
     /// Feeds one syscall of this socket.
@@ -665,6 +670,10 @@ pub enum Tls {
     /// No bytes seen yet.
     #[default]
     Unknown,
+    /// The first bytes were too few to decide but could start a ClientHello record: a server
+    /// that reads the 5-byte record header first (OpenSSL without read-ahead), or peeks at one
+    /// byte (nginx's `MSG_PEEK` to tell TLS from plain HTTP). Held until the next bytes decide.
+    Undecided(Vec<Held>),
     /// Not TLS: the bytes are HTTP's (or counted as non-HTTP there).
     No,
     /// TLS whose start was not seen, or whose handshake span is out: ignored.
@@ -672,10 +681,100 @@ pub enum Tls {
     Tracking(Box<Handshake>),
 }
 
+/// A syscall's bytes held while undecided.
+#[derive(Debug)]
+pub struct Held {
+    data: Vec<u8>,
+    len: u64,
+    sending: bool,
+    moment: Moment,
+}
+
+/// Held syscalls at most while undecided (a peek, a header, its body).
+const MAX_HELD: usize = 4;
+
+/// Where one syscall's bytes went.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Not TLS: the caller parses them as HTTP.
+    Http,
+    /// Taken by the TLS tracker; `Ready` when the handshake span can be built.
+    Tls(Progress),
+}
+
+/// Whether `bytes` (at most a record header) could begin a handshake record.
+fn could_start_handshake(bytes: &[u8]) -> bool {
+    bytes.len() <= RECORD_HEADER_LEN
+        && bytes.first() == Some(&22)
+        && matches!(
+            tls::parse_record_header(bytes),
+            Ok(_) | Err(tls::TlsError::Incomplete)
+        )
+}
+
 impl Tls {
-    /// Whether the HTTP assembler should skip these bytes (ciphertext).
-    pub fn is_tls(&self) -> bool {
-        !matches!(self, Self::Unknown | Self::No)
+    /// Routes one syscall of the socket: the first captured bytes decide whether the connection
+    /// is TLS (`ports`: local and remote, for the non-TLS-on-a-TLS-port count).
+    pub fn route(
+        &mut self,
+        data: &[u8],
+        len: u64,
+        sending: bool,
+        moment: Moment,
+        ports: [u16; 2],
+        stats: &mut Stats,
+    ) -> Route {
+        if data.is_empty() && matches!(self, Self::Unknown) {
+            return Route::Http; // sendfile or an uncaptured read: nothing to decide on
+        }
+        if matches!(self, Self::Unknown | Self::Undecided(_)) {
+            let mut held = match std::mem::take(self) {
+                Self::Undecided(held) => held,
+                _ => Vec::new(),
+            };
+            // The same bytes again: the earlier read only peeked at them.
+            if held
+                .last()
+                .is_some_and(|h| h.sending == sending && data.starts_with(&h.data))
+            {
+                held.pop();
+            }
+            let mut first: Vec<u8> = held.iter().flat_map(|h| h.data.iter().copied()).collect();
+            first.extend_from_slice(data);
+            if could_start_handshake(&first) && held.len() < MAX_HELD {
+                held.push(Held {
+                    data: data.to_vec(),
+                    len,
+                    sending,
+                    moment,
+                });
+                *self = Self::Undecided(held);
+                return Route::Tls(Progress::Pending);
+            }
+            *self = match classify(
+                &first,
+                held.first().map_or(sending, |h| h.sending),
+                ports,
+                stats,
+            ) {
+                FirstBytes::Handshake { client } => {
+                    let mut handshake = Box::new(Handshake::new(client));
+                    for h in held {
+                        handshake.on_data(&h.data, h.len, h.sending, h.moment, stats);
+                    }
+                    Self::Tracking(handshake)
+                }
+                FirstBytes::MidStream => Self::Ignored,
+                FirstBytes::NotTls => Self::No,
+            };
+        }
+        match self {
+            Self::Unknown | Self::Undecided(_) | Self::No => Route::Http,
+            Self::Ignored => Route::Tls(Progress::Pending),
+            Self::Tracking(handshake) => {
+                Route::Tls(handshake.on_data(data, len, sending, moment, stats))
+            }
+        }
     }
 }
 

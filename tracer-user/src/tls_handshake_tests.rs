@@ -331,3 +331,33 @@ proptest! {
         prop_assert_eq!(named(&spans, tls_handshake::HANDSHAKE).len(), 1);
     }
 }
+
+#[test]
+fn a_peeked_byte_and_a_header_read_alone_still_start_the_handshake() {
+    // nginx peeks at one byte (MSG_PEEK) to tell TLS from HTTP, then OpenSSL reads the record
+    // header and its body separately.
+    let hello = flight!("curl_tls13_client_hello");
+    let mut r = Replay::new();
+    r.accept(SK, 1_000, 50);
+    r.recv(SK, &hello[..1], At(1_100, 1_050, 1_110));
+    r.recv(SK, &hello[..5], At(1_120, 1_050, 1_130));
+    r.recv(SK, &hello[5..], At(1_140, 1_050, 1_150));
+    r.send(
+        SK,
+        flight!("openssl_tls13_server_flight"),
+        At(1_200, 1_210, 1_220),
+    );
+    r.recv(
+        SK,
+        flight!("openssl_tls13_client_finished_flight"),
+        At(2_000, 1_900, 2_010),
+    );
+    r.recv(SK, app_record(100), At(2_100, 2_050, 2_110));
+    r.sweep(1_900 + 2_000_000 + 1);
+    let spans = r.take();
+    let tls = named(&spans, tls_handshake::HANDSHAKE)[0];
+    assert_eq!((tls.start_ns, tls.end_ns), (us(1_050), us(1_900)));
+    assert_eq!(str_attr(tls, "tls.client.server_name"), Some("persona.lab"));
+    assert_eq!(r.stats().tls.non_tls_on_tls_port, 0);
+    assert_eq!(r.stats().non_http_records, 0);
+}
