@@ -13,4 +13,5 @@ pub mod http;
 pub mod maps;
 pub mod nic;
 pub mod plaintext;
+pub mod tls;
 pub mod trace_context;

@@ -17,6 +17,7 @@ mod requests;
 mod sampling;
 mod scope;
 mod span;
+mod tls_handshake;
 mod tracefs;
 
 use std::{process::ExitCode, time::Duration};

@@ -28,6 +28,7 @@ use crate::{
     nic::NicTimes,
     sampling::{Sampler, Untraced},
     span::{HopSpan, Role, SpanIds, Value},
+    tls_handshake::{self, Gone, Tls},
 };
 
 /// Head bytes buffered per stream before the head counts as truncated (a 64 KiB header must
@@ -91,6 +92,7 @@ pub struct Stats {
     pub requests_unanswered: u64,
     pub requests_overflow: u64,
     pub sockets_over_capacity: u64,
+    pub tls: tls_handshake::Stats,
 }
 
 impl Stats {
@@ -100,7 +102,7 @@ impl Stats {
             "requests {}, request spans {}, not sampled {}, untraced ignored {}, invalid \
              traceparent {invalid} {:?}, truncated heads {}, malformed heads {}, non-HTTP records \
              {}, unmatched responses {}, unanswered requests {}, pipelining overflow {}, sockets \
-             over capacity {}",
+             over capacity {}; {}",
             self.requests,
             self.spans,
             self.not_sampled,
@@ -113,6 +115,7 @@ impl Stats {
             self.requests_unanswered,
             self.requests_overflow,
             self.sockets_over_capacity,
+            self.tls.summary(),
         )
     }
 }
@@ -497,6 +500,10 @@ struct Socket {
     endpoint: Endpoint,
     /// The handshake span, waiting for the connection's first request.
     held_handshake: Option<(HopSpan, u64)>,
+    /// Whether the bytes are TLS: then the handshake tracker times them, HTTP never sees them.
+    tls: Tls,
+    /// The tls.handshake span, held like the connect (and with it) for the first request.
+    held_tls: Option<(HopSpan, u64)>,
     requests_seen: u64,
     outgoing: Stream,
     incoming: Stream,
@@ -512,6 +519,7 @@ struct Answer {
     head: Stamp,
     status: u16,
     held_handshake: Option<(HopSpan, u64)>,
+    held_tls: Option<(HopSpan, u64)>,
 }
 
 pub struct Assembler {
@@ -553,7 +561,7 @@ impl Assembler {
         match transition {
             Some(ConnTransition::ConnectDone | ConnTransition::AcceptDone) => {
                 // A new connection on this address: whatever was there is gone.
-                self.forget(event.skaddr, out);
+                self.forget(event.skaddr, Gone::Closed, out);
                 if let Some(socket) = self.socket(event.skaddr, event.header.ts_ns) {
                     socket.side = Some(if transition == Some(ConnTransition::ConnectDone) {
                         Side::Client
@@ -570,7 +578,7 @@ impl Assembler {
                 | ConnTransition::AcceptFailed
                 | ConnTransition::ConnectFailed,
             ) => {
-                self.forget(event.skaddr, out);
+                self.forget(event.skaddr, Gone::Reset, out);
                 out.push(span);
             }
             _ => out.push(span),
@@ -634,6 +642,11 @@ impl Assembler {
             let tls = socket.endpoint.plaintext_from;
             socket.endpoint = endpoint(event);
             socket.endpoint.plaintext_from = tls;
+        }
+        // Ciphertext feeds the handshake tracker, also on sockets whose plaintext comes from
+        // a library probe.
+        if plaintext_from.is_none() && tls_bytes(socket, event, data, &mut stats.tls, out) {
+            return;
         }
         match (plaintext_from, socket.endpoint.plaintext_from) {
             (None, Some(_)) => return, // ciphertext: its plaintext comes from the library
@@ -731,16 +744,17 @@ impl Assembler {
                     stats.responses_unmatched += 1;
                     continue;
                 };
-                let held_handshake = if request.first_on_connection {
-                    socket.held_handshake.take()
+                let (held_handshake, held_tls) = if request.first_on_connection {
+                    (socket.held_handshake.take(), socket.held_tls.take())
                 } else {
-                    None
+                    (None, None)
                 };
                 let answer = Answer {
                     request,
                     head: head.stamp,
                     status: response.status,
                     held_handshake,
+                    held_tls,
                 };
                 match head.body {
                     Body::None => finish(
@@ -767,19 +781,27 @@ impl Assembler {
         let idle = self.config.idle_ns;
         let mut idle_sockets = Vec::new();
         for (addr, socket) in &mut self.sockets {
-            if socket
-                .held_handshake
-                .as_ref()
-                .is_some_and(|(_, at)| now_ns.saturating_sub(*at) > hold)
-            {
-                out.extend(socket.held_handshake.take().map(|(span, _)| span));
+            tls_handshake::give_up_waiting(
+                &mut socket.tls,
+                now_ns,
+                hold,
+                &mut self.stats.tls,
+                || tls_attributes(&socket.endpoint, socket.side),
+                &mut socket.held_tls,
+            );
+            let expired = |held: &Option<(HopSpan, u64)>| {
+                held.as_ref()
+                    .is_some_and(|(_, at)| now_ns.saturating_sub(*at) > hold)
+            };
+            if expired(&socket.held_handshake) || expired(&socket.held_tls) {
+                release_held(socket, out);
             }
             if now_ns.saturating_sub(socket.last_ns) > idle {
                 idle_sockets.push(*addr);
             }
         }
         for addr in idle_sockets {
-            self.forget(addr, out);
+            self.forget(addr, Gone::Idle, out);
         }
     }
 
@@ -787,14 +809,22 @@ impl Assembler {
     pub fn flush(&mut self, out: &mut Vec<HopSpan>) {
         let all: Vec<u64> = self.sockets.keys().copied().collect();
         for addr in all {
-            self.forget(addr, out);
+            self.forget(addr, Gone::AgentStopped, out);
         }
     }
 
-    fn forget(&mut self, addr: u64, out: &mut Vec<HopSpan>) {
-        if let Some(socket) = self.sockets.remove(&addr) {
+    fn forget(&mut self, addr: u64, why: Gone, out: &mut Vec<HopSpan>) {
+        if let Some(mut socket) = self.sockets.remove(&addr) {
+            if let Tls::Tracking(handshake) = &mut socket.tls {
+                let span = handshake.span_on_end(
+                    why,
+                    tls_attributes(&socket.endpoint, socket.side),
+                    &mut self.stats.tls,
+                );
+                socket.held_tls = Some((span, 0));
+            }
             self.stats.requests_unanswered += socket.in_flight.len() as u64;
-            if let (Some(answer), Some(side)) = (socket.answering, socket.side) {
+            if let (Some(answer), Some(side)) = (socket.answering.take(), socket.side) {
                 // The connection ended (or went idle) inside the body: the end is unknown.
                 let env = SpanEnv {
                     layers: self.config.layers,
@@ -811,7 +841,7 @@ impl Assembler {
                     out,
                 );
             }
-            out.extend(socket.held_handshake.map(|(span, _)| span));
+            release_held(&mut socket, out);
         }
     }
 
@@ -958,6 +988,7 @@ fn build_spans(
         head: response,
         status,
         held_handshake,
+        held_tls,
     } = answer;
     let last = end.unwrap_or(response);
     // The NIC times of the request's and the response's first segments, where the layer exists
@@ -1029,13 +1060,14 @@ fn build_spans(
                 events.push(("response.complete", last.exit_ns));
             }
             let mut handshake_child = None;
-            if let Some((mut handshake, _)) = held_handshake {
-                // The request that opened its connection includes the connect, as its child.
-                if handshake.start_ns <= start {
-                    start = handshake.start_ns;
+            // The request that opened its connection includes the connect and the TLS
+            // handshake, as its children.
+            for (mut handshake, _) in held_handshake.into_iter().chain(held_tls) {
+                if handshake.start_ns <= start || handshake_child.is_some() {
+                    start = start.min(handshake.start_ns);
                     handshake.ids =
                         SpanIds::child(ids.trace_id, ids.span_id, ids.trace_state.clone());
-                    handshake_child = Some(handshake);
+                    handshake_child.get_or_insert_with(Vec::new).push(handshake);
                 } else {
                     spans.push(handshake);
                 }
@@ -1050,7 +1082,7 @@ fn build_spans(
                 attributes: with_hop(attributes, HOP_AGENT),
                 events,
             };
-            spans.extend(handshake_child);
+            spans.extend(handshake_child.into_iter().flatten());
             hop
         }
         Side::Server => {
@@ -1106,9 +1138,9 @@ fn build_spans(
                 // first segment through the NIC).
                 spans.push(child("kernel send", response.enter_ns, end));
             }
-            if let Some((mut handshake, _)) = held_handshake {
-                // The accept precedes the request: a sibling under the same parent, not a child
-                // (a child never starts before its parent).
+            for (mut handshake, _) in held_handshake.into_iter().chain(held_tls) {
+                // The accept and the TLS handshake precede the request: siblings under the same
+                // parent, not children (a child never starts before its parent).
                 handshake.ids = match ids.parent_id {
                     Some(parent) => SpanIds::child(ids.trace_id, parent, ids.trace_state.clone()),
                     None => SpanIds {
@@ -1142,6 +1174,74 @@ fn build_spans(
     };
     spans.insert(0, hop);
     Some(spans)
+}
+
+/// Routes a syscall's bytes on a TLS connection to the handshake tracker; `false` when they are
+/// not TLS (then HTTP parsing has them). The first captured bytes decide.
+fn tls_bytes(
+    socket: &mut Socket,
+    event: &DataEvent,
+    data: &[u8],
+    stats: &mut tls_handshake::Stats,
+    out: &mut Vec<HopSpan>,
+) -> bool {
+    let sending = event.direction == DIRECTION_SEND;
+    let moment = tls_handshake::Moment {
+        enter_ns: event.enter_ns,
+        exit_ns: event.header.ts_ns,
+        tcp_ns: event.tcp_ns,
+        nic_ns: event.nic_ns,
+    };
+    let ports = [event.sport, event.dport];
+    let route = socket
+        .tls
+        .route(data, u64::from(event.len), sending, moment, ports, stats);
+    if let Tls::Tracking(handshake) = &mut socket.tls {
+        socket.side.get_or_insert(if handshake.is_client() {
+            Side::Client
+        } else {
+            Side::Server
+        });
+        if route == tls_handshake::Route::Tls(tls_handshake::Progress::Ready) {
+            let span = handshake.span(tls_attributes(&socket.endpoint, socket.side), stats);
+            socket.tls = Tls::Ignored;
+            let failed = span.error.is_some();
+            socket.held_tls = Some((span, event.header.ts_ns));
+            if failed {
+                // No request will follow a failed handshake: out now, with the connect.
+                release_held(socket, out);
+            }
+        }
+    }
+    route != tls_handshake::Route::Http
+}
+
+/// Exports a socket's held connect/accept and TLS handshake spans without a request: the TLS
+/// span joins the connect's trace as its child, or is exported on its own.
+fn release_held(socket: &mut Socket, out: &mut Vec<HopSpan>) {
+    let connect = socket.held_handshake.take().map(|(span, _)| span);
+    let tls = socket.held_tls.take().map(|(mut tls, _)| {
+        if let Some(connect) = &connect {
+            tls.ids = SpanIds::child(
+                connect.ids.trace_id,
+                connect.ids.span_id,
+                connect.ids.trace_state.clone(),
+            );
+        }
+        tls
+    });
+    out.extend(connect);
+    out.extend(tls);
+}
+
+fn tls_attributes(endpoint: &Endpoint, side: Option<Side>) -> Vec<(&'static str, Value)> {
+    let side = side.unwrap_or(Side::Client);
+    let hop = if side == Side::Client {
+        HOP_AGENT
+    } else {
+        HOP_PERSONA
+    };
+    with_hop(endpoint_attributes(endpoint, side), hop)
 }
 
 fn with_hop(

@@ -1094,12 +1094,19 @@ fn binary_data_is_counted_not_traced() {
     r.send(SK2, h2_preface, At(1_000, 1_001, 1_002));
     r.recv(SK2, [0u8; 9], At(1_100, 1_101, 1_102));
     assert!(r.out.is_empty());
-    assert_eq!((r.stats().non_http_records, r.stats().requests), (4, 0));
+    // TLS is the handshake tracker's, not HTTP garbage; HTTP/2 is.
+    assert_eq!((r.stats().non_http_records, r.stats().requests), (2, 0));
+    assert_eq!(r.stats().tls.handshakes, 1);
 
     // On a connection known to be a client's: counted once, then skipped until a head starts.
     let mut r = Replay::new();
     r.connect(SK, 1_000, 1_100);
-    r.send(SK, tls_client_hello, At(1_200, 1_201, 1_202));
+    // An HTTP/2 SETTINGS frame header (TLS would go to the handshake tracker).
+    r.send(
+        SK,
+        [0u8, 0, 0x12, 4, 0, 0, 0, 0, 0],
+        At(1_200, 1_201, 1_202),
+    );
     r.send(SK, [0xffu8; 300], At(1_300, 1_301, 1_302));
     r.recv(
         SK,
@@ -1606,3 +1613,6 @@ fn by_default_the_persona_layers_are_attributes_not_spans() {
     );
     assert_eq!(attr("hoptrace.application_ns"), Some(Value::Int(900_000)));
 }
+
+#[path = "tls_handshake_tests.rs"]
+mod tls;

@@ -26,6 +26,7 @@
 mod cmd;
 mod delay;
 pub mod golang;
+mod interception;
 mod netns;
 pub mod pki;
 mod servers;
@@ -46,6 +47,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+pub use self::interception::{INTERCEPTION_PORT, TlsInterception};
 pub use self::{
     cmd::run_command,
     netns::{NETNS_DIR, Netns},
