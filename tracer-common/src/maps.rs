@@ -134,3 +134,9 @@ pub const TLS_CALLS: &str = "TLS_CALLS";
 pub const TLS_SESSIONS: &str = "TLS_SESSIONS";
 /// Per-CPU scratch for building a [`crate::plaintext::PlaintextEvent`].
 pub const PLAINTEXT_SCRATCH: &str = "PLAINTEXT_SCRATCH";
+/// LRU hash: pid_tgid (u64) -> [`crate::plaintext::Ciphertext`]: the thread's last ciphertext
+/// receive outside any TLS library call (joins memory-BIO reads).
+pub const TLS_LAST_RECV: &str = "TLS_LAST_RECV";
+/// LRU hash: pid_tgid (u64) -> [`crate::plaintext::PlaintextEvent`]: a write waiting for the
+/// thread's next send (memory-BIO writes).
+pub const TLS_PENDING_SENDS: &str = "TLS_PENDING_SENDS";

@@ -15,6 +15,7 @@ mod requests;
 mod sampling;
 mod scope;
 mod span;
+mod tls_uprobes;
 mod tracefs;
 
 use std::{process::ExitCode, time::Duration};
