@@ -8,7 +8,6 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::bpf_probe_read_user as read_user_raw,
     },
     macros::map,
     maps::{LruHashMap, PerCpuArray},
@@ -236,20 +235,7 @@ fn fill_plaintext(event: &mut PlaintextEvent, call: &TlsCall, pid_tgid: u64, mov
     inner.direction = call.direction;
     inner._pad = 0;
     inner.comm = bpf_get_current_comm().unwrap_or_default();
-    let mut want = moved;
-    if want > MAX_CAPTURE as u64 {
-        want = MAX_CAPTURE as u64;
-    }
-    let mut captured = 0u64;
-    if call.buffer != 0 && want > 0 {
-        let dst = inner.data.as_mut_ptr();
-        // SAFETY: want <= MAX_CAPTURE == data's length.
-        if unsafe { read_user_raw(dst.cast(), want as u32, call.buffer as *const _) } == 0 {
-            captured = want;
-        } else {
-            count(Counter::UserReadFailed);
-        }
-    }
+    let captured = data::copy_prefix(&mut inner.data, call.buffer, moved);
     inner.captured = captured as u16;
 }
 

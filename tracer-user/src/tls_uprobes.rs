@@ -41,6 +41,9 @@ const FUNCTIONS: [(&str, &str, &str); 4] = [
     ("SSL_read_ex", "ssl_read_ex", "ssl_ex_return"),
 ];
 const REQUIRED: [&str; 2] = ["SSL_write", "SSL_read"];
+/// What the probes attach to, for `hoptrace check`'s plan.
+pub const HOOKS: &str = "uprobe+uretprobe on SSL_write, SSL_write_ex, SSL_read, SSL_read_ex in \
+                         libssl.so* and executables exporting them (node), found in /proc";
 /// How often /proc is rescanned for OpenSSL files not probed yet.
 pub const RESCAN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Distinct files probed at most (each costs a few uprobes in the kernel).
@@ -172,14 +175,15 @@ impl OpenSslProbes {
         if self.attached.contains_key(&id) || self.skipped.contains(&id) {
             return;
         }
-        if candidate.inode != 0 && candidate.inode != meta.ino() {
-            if self.gone.insert((pid, candidate.inode)) {
-                self.stats.files_gone += 1;
-                log::info!(
-                    "pid {pid} maps an older {} (replaced since); probing the current file",
-                    candidate.path
-                );
-            }
+        if candidate.inode != 0
+            && candidate.inode != meta.ino()
+            && self.gone.insert((pid, candidate.inode))
+        {
+            self.stats.files_gone += 1;
+            log::info!(
+                "pid {pid} maps an older {} (replaced since); probing the current file",
+                candidate.path
+            );
         }
         if self.attached.len() >= MAX_FILES {
             self.stats.files_over_capacity += 1;
@@ -292,29 +296,24 @@ fn host_libraries() -> (u32, Vec<String>) {
         .iter()
         .map(|d| d.to_string())
         .collect();
-    for parent in ["/lib", "/usr/lib"] {
-        let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/root{parent}")) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if name.to_str().is_some_and(|n| n.ends_with("-linux-gnu")) {
-                dirs.push(format!("{parent}/{}", name.to_string_lossy()));
-            }
-        }
-    }
-    let mut found = Vec::new();
-    for dir in dirs {
+    let names_in = |dir: &str, wanted: &dyn Fn(&str) -> bool| -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/root{dir}")) else {
-            continue;
+            return Vec::new();
         };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if name.to_str().is_some_and(|n| n.starts_with("libssl.so.")) {
-                found.push(format!("{dir}/{}", name.to_string_lossy()));
-            }
-        }
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|name| wanted(name))
+            .map(|name| format!("{dir}/{name}"))
+            .collect()
+    };
+    for parent in ["/lib", "/usr/lib"] {
+        dirs.extend(names_in(parent, &|n| n.ends_with("-linux-gnu")));
     }
+    let found = dirs
+        .iter()
+        .flat_map(|dir| names_in(dir, &|n| n.starts_with("libssl.so.")))
+        .collect();
     (pid, found)
 }
 
