@@ -303,6 +303,8 @@ pub(crate) fn copy_prefix(dst: &mut [u8; MAX_CAPTURE], source: u64, len: u64) ->
         count(Counter::UserReadFailed);
         return 0;
     }
+    // Clamped again after the helper call, as before this was shared: the record's length is
+    // computed from the result and the verifier must see it bounded there too.
     if want > MAX_CAPTURE as u64 {
         want = MAX_CAPTURE as u64;
     }
