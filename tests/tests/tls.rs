@@ -182,9 +182,11 @@ fn curl_to_nginx_over_tls_1_2_and_1_3_gives_handshake_spans_on_both_sides() {
         for span in &agent {
             assert_eq!(span.kind, span_kind::CLIENT);
             assert_eq!(span.attr_str("process.executable.name"), Some("curl"));
-            // No request known (no plaintext): the handshake joins its connect's trace.
-            let connect = spans_named_with_id(&receiver, "tcp.connect", &span.parent_span_id);
-            assert_eq!(connect.trace_id, span.trace_id);
+            // The request is known (plaintext from curl's libssl): the handshake is a child of
+            // the request that opened the connection, like the connect.
+            let request = spans_named_with_id(&receiver, "GET", &span.parent_span_id);
+            assert_eq!(request.trace_id, span.trace_id);
+            assert_eq!(request.attr_str("hoptrace.hop"), Some("agent"));
         }
         for span in &persona {
             assert_eq!(span.kind, span_kind::SERVER);
@@ -219,12 +221,15 @@ fn curl_to_nginx_over_tls_1_2_and_1_3_gives_handshake_spans_on_both_sides() {
     }
 }
 
+/// The span `name` with span id `id`, waiting for it a while (it may be in a later batch).
 fn spans_named_with_id(receiver: &OtlpReceiver, name: &str, id: &str) -> ReceivedSpan {
+    let found = |spans: &[ReceivedSpan]| spans.iter().any(|s| s.name == name && s.span_id == id);
     receiver
-        .spans()
+        .try_wait_for_spans(found, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("no {name} span {id}: {e:#}"))
         .into_iter()
         .find(|s| s.name == name && s.span_id == id)
-        .unwrap_or_else(|| panic!("no {name} span {id}"))
+        .expect("found")
 }
 
 #[test]

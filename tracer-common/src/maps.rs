@@ -139,3 +139,9 @@ pub const PLAINTEXT_SCRATCH: &str = "PLAINTEXT_SCRATCH";
 pub const GO_TLS_CALLS: &str = "GO_TLS_CALLS";
 /// LRU hash: tgid (u32) -> u8: processes with Go crypto/tls calls.
 pub const GO_TLS_PROCESSES: &str = "GO_TLS_PROCESSES";
+/// LRU hash: pid_tgid (u64) -> [`crate::plaintext::Ciphertext`]: the thread's last ciphertext
+/// receive outside any TLS library call (joins memory-BIO reads).
+pub const TLS_LAST_RECV: &str = "TLS_LAST_RECV";
+/// LRU hash: pid_tgid (u64) -> [`crate::plaintext::PlaintextEvent`]: a write waiting for the
+/// thread's next send (memory-BIO writes).
+pub const TLS_PENDING_SENDS: &str = "TLS_PENDING_SENDS";

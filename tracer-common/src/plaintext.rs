@@ -10,6 +10,10 @@
 //!   library-specific struct offsets);
 //! - each `(tgid, session)` remembers its socket in [`TlsSession`] once learned, since a read
 //!   can return data the library had already buffered without any syscall;
+//! - libraries that do their socket I/O outside the call (node's memory BIO: the event loop
+//!   reads ciphertext, then calls SSL_read; SSL_write, then writes the ciphertext) are joined by
+//!   the thread's last receive before the read, and by the thread's next send after the write
+//!   (the write's record waits in the kernel for that send);
 //! - on the call's return, only when it really moved bytes (its return value; calls are retried
 //!   with the same buffer while a handshake finishes or a socket would block), the probe emits a
 //!   [`PlaintextEvent`]: the library's own timestamps plus a [`DataEvent`] filled exactly as the
@@ -42,7 +46,25 @@ pub mod joined_by {
     /// No syscall inside the call (data the library had buffered): the socket its session used
     /// before; the inner record's syscall-layer timestamps are 0.
     pub const SESSION: u8 = 2;
+    /// A write whose ciphertext the thread sent after the call returned (memory BIO).
+    pub const NEXT_SEND: u8 = 3;
+    /// A read of ciphertext the thread had received before the call (memory BIO).
+    pub const LAST_RECV: u8 = 4;
 }
+
+/// The socket side of a join: one ciphertext syscall's socket and timestamps (as in its
+/// [`DataEvent`]; 0 = unknown).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ciphertext {
+    pub skaddr: u64,
+    pub enter_ns: u64,
+    pub tcp_ns: u64,
+    pub nic_ns: u64,
+    pub seq: u32,
+    pub netns_ino: u32,
+}
+const _: () = assert!(core::mem::size_of::<Ciphertext>() == 40);
 
 /// One library call that moved plaintext on a TLS socket in scope.
 ///
@@ -98,15 +120,9 @@ pub struct TlsCall {
     /// User pointer where the call stores the bytes moved (OpenSSL `_ex`: `size_t *`); 0 when
     /// the return value is the count.
     pub moved_out: u64,
-    /// The socket of the first ciphertext syscall in the call; 0 = none yet.
-    pub skaddr: u64,
-    /// The first ciphertext syscall's entry, TCP and NIC times (0 = unknown); for a send,
-    /// `tcp_ns` follows the last one.
-    pub sys_enter_ns: u64,
-    pub tcp_ns: u64,
-    pub nic_ns: u64,
-    pub seq: u32,
-    pub netns_ino: u32,
+    /// The first ciphertext syscall in the call (`skaddr` 0 = none yet); for a send, `tcp_ns`
+    /// follows the last one.
+    pub ciphertext: Ciphertext,
     /// [`crate::data::DIRECTION_SEND`] or [`crate::data::DIRECTION_RECV`].
     pub direction: u8,
     /// One of [`library`].

@@ -23,6 +23,7 @@ use crate::{
     sampling::{Sampler, Untraced},
     scope::Scope,
     span::HopSpan,
+    tls_uprobes::{self, OpenSslProbes},
 };
 
 pub struct AgentOptions {
@@ -113,6 +114,18 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         sink: &sink,
         spans: Vec::new(),
     };
+    // TLS plaintext: programs loaded now, attached per OpenSSL file as processes show them.
+    let mut openssl = if attached.requests {
+        OpenSslProbes::load(&mut object, &scope)
+            .inspect_err(|e| log::warn!("TLS plaintext (OpenSSL uprobes) unavailable: {e:#}"))
+            .ok()
+    } else {
+        None
+    };
+    if let Some(probes) = openssl.as_mut() {
+        probes.scan(&mut object);
+    }
+    let mut rescan = tokio::time::interval(tls_uprobes::RESCAN_INTERVAL);
     let mut sweep = tokio::time::interval(Duration::from_millis(500));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -120,12 +133,17 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let mut clock = Clock::sample();
     let mut counts = Counts::default();
     log::info!(
-        "hoptrace agent ready: observing {}; layers: connections{}",
+        "hoptrace agent ready: observing {}; layers: connections{}{}",
         scope.describe(),
         if attached.requests {
             format!(", requests ({})", attached.layers())
         } else {
             String::new()
+        },
+        if openssl.is_some() {
+            ", TLS plaintext (OpenSSL uprobes)"
+        } else {
+            ""
         }
     );
 
@@ -142,6 +160,11 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                     go_tls.rescan(&mut object);
                 }
                 pipeline.emit(&clock);
+            }
+            _ = rescan.tick(), if openssl.is_some() => {
+                if let Some(probes) = openssl.as_mut() {
+                    probes.scan(&mut object);
+                }
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -170,6 +193,15 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         go_stats.unwrap_or_default()
     );
     drop(pipeline);
+    let request_stats = match (&openssl, kernel_counters) {
+        (Some(probes), Some(counters)) => format!(
+            "{request_stats}; {}, TLS plaintext records {}, unjoined {}",
+            probes.stats.summary(),
+            ebpf::counter(&counters, Counter::PlaintextSubmitted),
+            ebpf::counter(&counters, Counter::PlaintextUnjoined)
+        ),
+        _ => request_stats,
+    };
     let stats = sink.stats();
     drop(sink);
     exporter.shutdown(options.shutdown_timeout).await;

@@ -149,6 +149,37 @@ mod tests {
     }
 
     #[test]
+    fn decodes_a_plaintext_record_and_checks_its_captured_length() {
+        let mut event: PlaintextEvent = unsafe { std::mem::zeroed() };
+        event.header.kind = kind::PLAINTEXT;
+        event.library_enter_ns = 11;
+        event.data.captured = 3;
+        event.data.data[..3].copy_from_slice(b"GET");
+        let bytes = |event: &PlaintextEvent| {
+            let ptr = (event as *const PlaintextEvent).cast::<u8>();
+            unsafe { std::slice::from_raw_parts(ptr, size_of::<PlaintextEvent>()) }.to_vec()
+        };
+        let all = bytes(&event);
+        let Ok(Event::Plaintext(decoded)) = decode(&all[..PLAINTEXT_HEADER_LEN + 3]) else {
+            panic!()
+        };
+        assert_eq!(
+            (decoded.library_enter_ns, &decoded.data.data[..3]),
+            (11, &b"GET"[..])
+        );
+        event.data.captured = 500;
+        let all = bytes(&event);
+        assert!(matches!(
+            decode(&all[..PLAINTEXT_HEADER_LEN + 3]),
+            Err(DecodeError::Captured { .. })
+        ));
+        assert!(matches!(
+            decode(&all[..PLAINTEXT_HEADER_LEN - 1]),
+            Err(DecodeError::Length { .. })
+        ));
+    }
+
+    #[test]
     fn rejects_short_unknown_and_empty_records() {
         let bytes = conn_bytes();
         assert_eq!(

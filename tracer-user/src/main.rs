@@ -18,6 +18,7 @@ mod sampling;
 mod scope;
 mod span;
 mod tls_handshake;
+mod tls_uprobes;
 mod tracefs;
 
 use std::{process::ExitCode, time::Duration};
