@@ -16,7 +16,7 @@ use crate::{
     correlate::{self, Correlator},
     decode::{self, Event},
     ebpf,
-    export::{self, ExportConfig, ExportFlags, SpanSink},
+    export::{self, ExportConfig, SpanSink},
     nic::KernelNicTimes,
     requests::{self, Assembler},
     sampling::{Sampler, Untraced},
@@ -28,7 +28,7 @@ pub struct AgentOptions {
     pub scope_netns: Vec<String>,
     pub scope_pids: Vec<u32>,
     pub scope_ports: Vec<u16>,
-    pub export: ExportFlags,
+    pub export: ExportConfig,
     pub untraced: Untraced,
     pub layer_spans: bool,
     pub ring_buffer_bytes: u32,
@@ -36,6 +36,8 @@ pub struct AgentOptions {
     pub shutdown_timeout: Duration,
     /// How often the clock offset is re-sampled and the counters checked.
     pub report_interval: Duration,
+    /// Serve Prometheus metrics here.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Default)]
@@ -73,7 +75,6 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         &options.scope_pids,
         &options.scope_ports,
     )?;
-    let export_config = ExportConfig::from_env(&options.export).map_err(anyhow::Error::msg)?;
     let sampler = Sampler::from_env(
         std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref(),
         std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().as_deref(),
@@ -89,7 +90,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     // AsyncFd is dropped at the end of this function.
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
-    let (sink, exporter) = export::start(&export_config)?;
+    let (sink, exporter) = export::start(&options.export)?;
     let mut assembler = Assembler::new(requests::Config {
         sampler,
         untraced: options.untraced,
