@@ -17,6 +17,7 @@ use crate::{
     decode::{self, Event},
     ebpf,
     export::{self, ExportConfig, SpanSink},
+    metrics::{HopRecorder, Metrics, Observed},
     nic::KernelNicTimes,
     requests::{self, Assembler},
     sampling::{Sampler, Untraced},
@@ -54,13 +55,19 @@ struct Pipeline<'a> {
     sink: &'a SpanSink,
     spans: Vec<HopSpan>,
     joined: Vec<HopSpan>,
+    /// Latency histograms, when metrics are served.
+    hops: Option<HopRecorder>,
 }
 
 impl Pipeline<'_> {
     fn emit(&mut self, clock: &Clock) {
         for span in self.spans.drain(..) {
+            let before = self.joined.len();
             self.correlator.observe(&span, &mut self.joined);
             self.sink.send(&span, clock);
+            if let Some(hops) = &mut self.hops {
+                hops.record(&span, &self.joined[before..]);
+            }
         }
         for span in self.joined.drain(..) {
             self.sink.send(&span, clock);
@@ -101,7 +108,21 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     if attached.nic {
         assembler = assembler.with_nic(Box::new(KernelNicTimes::take(&mut object)?));
     }
+    let mut metrics = match options.metrics_addr {
+        Some(addr) => {
+            let metrics = Metrics::new(&[
+                ("connections", true),
+                ("requests", attached.requests),
+                ("tcp_arrival", attached.tcp_arrival),
+                ("nic", attached.nic),
+            ]);
+            Some((metrics.serve(addr).await?, metrics))
+        }
+        None => None,
+    };
+    let export_stats = sink.stats();
     let mut pipeline = Pipeline {
+        hops: metrics.as_ref().map(|(_, m)| m.hop_recorder()),
         assembler,
         correlator: Correlator::new(correlate::Config::default()),
         joined: Vec::new(),
@@ -134,6 +155,18 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             _ = sweep.tick() => {
                 pipeline.assembler.sweep(clock::monotonic_now_ns(), &mut pipeline.spans);
                 pipeline.emit(&clock);
+                if let Some((_, metrics)) = &mut metrics {
+                    metrics.publish(&Observed {
+                        records: counts.records,
+                        undecodable: counts.decode_errors,
+                        ring_lost: ebpf::read_counters(&object)
+                            .ok()
+                            .map(|c| ebpf::counter(&c, Counter::RingbufFull)),
+                        requests: &pipeline.assembler.stats,
+                        joins: &pipeline.correlator.stats,
+                        export: &export_stats,
+                    });
+                }
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -161,6 +194,9 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let stats = sink.stats();
     drop(sink);
     exporter.shutdown(options.shutdown_timeout).await;
+    if let Some((server, _)) = metrics {
+        server.abort();
+    }
     let stats = stats.summary();
     let lost = kernel_counters.map_or(0, |c| ebpf::counter(&c, Counter::RingbufFull));
     log::info!(

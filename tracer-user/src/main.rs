@@ -10,6 +10,7 @@ mod ebpf;
 mod export;
 mod kernel_offsets;
 mod listeners;
+mod metrics;
 mod nic;
 mod requests;
 mod sampling;
@@ -45,7 +46,7 @@ enum Command {
     /// print to the terminal. OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_SDK_DISABLED,
     /// OTEL_TRACES_EXPORTER and OTEL_BSP_* are honored. Precedence: flags > environment >
     /// config file > defaults.
-    Agent(settings::AgentArgs),
+    Agent(Box<settings::AgentArgs>),
 }
 
 fn main() -> ExitCode {
@@ -63,7 +64,7 @@ fn main() -> ExitCode {
         }),
         Command::Agent(args) => {
             let print = args.print_config;
-            let settings = match settings::Settings::load(args) {
+            let settings = match settings::Settings::load(*args) {
                 Ok(settings) => settings,
                 Err(error) => {
                     log::error!("configuration: {error:#}");

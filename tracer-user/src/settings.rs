@@ -196,6 +196,9 @@ pub struct Settings {
 
 /// Resolves one setting: flag, else environment, else file, else default. `parse` reads the
 /// environment's string; `check` validates whichever value won, so the error can name its layer.
+/// Reads a setting from an environment variable's text.
+type Parse<T> = fn(&str) -> Result<T, String>;
+
 struct Layers<'a> {
     env: &'a dyn Fn(&str) -> Option<String>,
     file_path: Option<&'a Path>,
@@ -207,7 +210,7 @@ impl Layers<'_> {
         &self,
         key: &str,
         flag: (&'static str, Option<T>),
-        env: (&'static str, fn(&str) -> Result<T, String>),
+        env: (&'static str, Parse<T>),
         file: Option<T>,
         default: T,
         check: fn(&T) -> Result<(), String>,
