@@ -13,6 +13,7 @@ use tracer_common::maps::{self, Counter};
 
 use crate::{
     clock::{self, Clock},
+    containers::ContainerMetadata,
     correlate::{self, Correlator},
     decode::{self, Event},
     ebpf,
@@ -55,13 +56,16 @@ struct Pipeline<'a> {
     sink: &'a SpanSink,
     spans: Vec<HopSpan>,
     joined: Vec<HopSpan>,
+    /// container.id and k8s.pod.uid of the spans' processes.
+    containers: ContainerMetadata,
     /// Latency histograms, when metrics are served.
     hops: Option<HopRecorder>,
 }
 
 impl Pipeline<'_> {
     fn emit(&mut self, clock: &Clock) {
-        for span in self.spans.drain(..) {
+        for mut span in self.spans.drain(..) {
+            self.containers.annotate(&mut span);
             let before = self.joined.len();
             self.correlator.observe(&span, &mut self.joined);
             self.sink.send(&span, clock);
@@ -122,6 +126,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     };
     let export_stats = sink.stats();
     let mut pipeline = Pipeline {
+        containers: ContainerMetadata::new(),
         hops: metrics.as_ref().map(|(_, m)| m.hop_recorder()),
         assembler,
         correlator: Correlator::new(correlate::Config::default()),

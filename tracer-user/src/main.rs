@@ -4,6 +4,7 @@ mod agent;
 mod check;
 mod clock;
 mod conn_spans;
+mod containers;
 mod correlate;
 mod decode;
 mod ebpf;
