@@ -112,6 +112,18 @@ impl Agent {
         self.stdout.lock().unwrap().clone()
     }
 
+    /// The agent's process id (until it is stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, as the OOM killer or a node failure would: no cleanup runs in the agent.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("agent already stopped")?;
+        child.kill()?;
+        Ok(child.wait()?)
+    }
+
     /// SIGTERM, then waits (bounded) for a clean exit; returns its status.
     pub fn stop(&mut self) -> Result<ExitStatus> {
         let mut child = self.child.take().context("agent already stopped")?;
