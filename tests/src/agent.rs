@@ -112,6 +112,15 @@ impl Agent {
         self.stdout.lock().unwrap().clone()
     }
 
+    /// http://ADDR/metrics as the agent logged it when serving metrics (`--metrics-addr`, port 0
+    /// included).
+    pub fn metrics_url(&self) -> Option<String> {
+        self.stderr()
+            .lines()
+            .find_map(|l| l.split("serving Prometheus metrics at ").nth(1))
+            .map(|url| url.trim().to_string())
+    }
+
     /// The agent's process id (until it is stopped).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

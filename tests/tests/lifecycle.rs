@@ -17,22 +17,20 @@ use xtask::lab::{Host, Lab, LabConfig};
 
 const PARENT_ID: &str = "00f067aa0ba902b7";
 
-fn start(lab: &Lab, endpoint: &str, env: &[(&str, &str)]) -> Agent {
+fn start(lab: &Lab, endpoint: &str, args: &[&str], env: &[(&str, &str)]) -> Agent {
     let mut all = vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
     ];
     all.extend_from_slice(env);
-    Agent::start(
-        &[
-            "--netns",
-            lab.netns(Host::Agent).name(),
-            "--netns",
-            lab.netns(Host::Persona).name(),
-        ],
-        &all,
-    )
-    .expect("agent")
+    let mut all_args = vec![
+        "--netns",
+        lab.netns(Host::Agent).name(),
+        "--netns",
+        lab.netns(Host::Persona).name(),
+    ];
+    all_args.extend_from_slice(args);
+    Agent::start(&all_args, &all).expect("agent")
 }
 
 /// `count` keep-alive requests to nginx carrying `trace_id`.
@@ -89,6 +87,7 @@ fn sigterm_detaches_everything_and_flushes_pending_spans_within_the_bound() {
     let mut agent = start(
         &lab,
         &receiver.grpc_endpoint(),
+        &[],
         &[
             ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
             ("HOPTRACE_SHUTDOWN_TIMEOUT", "5"),
@@ -138,6 +137,7 @@ fn sigterm_with_a_collector_that_never_answers_stops_within_the_shutdown_timeout
     let mut agent = start(
         &lab,
         &endpoint,
+        &[],
         &[
             ("OTEL_BSP_EXPORT_TIMEOUT", "60000"),
             ("HOPTRACE_SHUTDOWN_TIMEOUT", "2"),
@@ -172,7 +172,7 @@ fn a_restart_after_sigkill_starts_cleanly_and_sees_each_request_once() {
     const TRACE: &str = "33333333333333333333333333333333";
     let lab = Lab::start(LabConfig::default()).expect("lab");
     let receiver = OtlpReceiver::start().expect("receiver");
-    let mut first = start(&lab, &receiver.grpc_endpoint(), &[]);
+    let mut first = start(&lab, &receiver.grpc_endpoint(), &[], &[]);
     let held = objects(&first);
     first.kill().expect("SIGKILL");
     // No cleanup ran in the agent: the kernel's own release of its fds must detach it all.
@@ -183,7 +183,7 @@ fn a_restart_after_sigkill_starts_cleanly_and_sees_each_request_once() {
         "left behind by a killed agent (of {held:?})"
     );
 
-    let second = start(&lab, &receiver.grpc_endpoint(), &[]);
+    let second = start(&lab, &receiver.grpc_endpoint(), &[], &[]);
     objects(&second);
     requests(&lab, TRACE, 3);
     let spans = receiver
@@ -241,31 +241,18 @@ fn a_collector_outage_costs_counted_bounded_drops_and_export_recovers_on_its_ret
     // Take a port a receiver listened on, then stop it: the collector is down.
     let port = OtlpReceiver::start().expect("receiver").grpc_port();
     let endpoint = format!("http://127.0.0.1:{port}");
-    let mut agent = Agent::start(
+    let queue = QUEUE.to_string();
+    let mut agent = start(
+        &lab,
+        &endpoint,
+        &["--metrics-addr", "127.0.0.1:0"],
         &[
-            "--netns",
-            lab.netns(Host::Agent).name(),
-            "--netns",
-            lab.netns(Host::Persona).name(),
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-            ("OTEL_BSP_MAX_QUEUE_SIZE", &QUEUE.to_string()),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", &queue),
             ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "8"),
             ("OTEL_BSP_EXPORT_TIMEOUT", "1000"),
         ],
-    )
-    .expect("agent");
-    let metrics = agent
-        .stderr()
-        .lines()
-        .find_map(|l| l.split("serving Prometheus metrics at ").nth(1))
-        .expect("metrics address")
-        .trim()
-        .to_string();
+    );
+    let metrics = agent.metrics_url().expect("metrics address");
     let scrape = || {
         let out = std::process::Command::new("curl")
             .args(["-sS", "--max-time", "5", &metrics])

@@ -91,12 +91,8 @@ fn hop_histograms_count_every_request_and_counters_track_the_pipeline() {
     )
     .expect("agent");
     let url = agent
-        .stderr()
-        .lines()
-        .find_map(|l| l.split("serving Prometheus metrics at ").nth(1))
-        .expect("the agent logs its metrics address")
-        .trim()
-        .to_string();
+        .metrics_url()
+        .expect("the agent logs its metrics address");
     lab.set_delay(Direction::Forward, FORWARD_DELAY).unwrap();
     let page = lab.nginx_url("/");
     let mut argv = vec!["curl", "-sS", "-o", "/dev/null", "--max-time", "5"];
