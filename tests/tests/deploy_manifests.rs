@@ -1516,3 +1516,46 @@ fn the_netns_tc_component_adds_cap_sys_admin_to_both_agent_containers_only() {
         "lab-tracing"
     );
 }
+
+/// deploy/grafana: the dashboard is JSON Grafana can load (unique uid and panel ids, a grid
+/// position each) and every panel and variable uses a data source the provisioning file
+/// defines. (tests/tests/metrics.rs checks its metric names against a real agent's scrape.)
+#[test]
+fn the_grafana_example_is_valid_and_uses_the_provisioned_data_sources() {
+    let grafana = repo().join("deploy/grafana");
+    let sources = yaml_file(&grafana.join("provisioning/datasources/hoptrace.yaml"));
+    let uids: BTreeSet<&str> = array_of(&sources[0]["datasources"], "datasources")
+        .iter()
+        .map(|d| str_of(&d["uid"], "uid"))
+        .collect();
+    assert_eq!(uids, BTreeSet::from(["prometheus", "tempo"]));
+    let providers = yaml_file(&grafana.join("provisioning/dashboards/hoptrace.yaml"));
+    assert_eq!(providers[0]["providers"][0]["type"], "file");
+    let text = fs::read_to_string(grafana.join("dashboards/hoptrace.json")).expect("dashboard");
+    let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    assert!(!str_of(&dashboard["uid"], "uid").is_empty());
+    let panels = array_of(&dashboard["panels"], "panels");
+    let mut ids = BTreeSet::new();
+    for panel in panels {
+        assert!(
+            ids.insert(panel["id"].as_u64().expect("panel id")),
+            "duplicate panel id"
+        );
+        for key in ["x", "y", "w", "h"] {
+            assert!(
+                panel["gridPos"][key].is_u64(),
+                "{} gridPos.{key}",
+                panel["title"]
+            );
+        }
+        let uid = str_of(&panel["datasource"]["uid"], "panel data source");
+        assert!(uids.contains(uid), "{}: data source {uid}", panel["title"]);
+        assert!(!array_of(&panel["targets"], "targets").is_empty());
+    }
+    for variable in array_of(&dashboard["templating"]["list"], "variables") {
+        assert!(uids.contains(str_of(
+            &variable["datasource"]["uid"],
+            "variable data source"
+        )));
+    }
+}

@@ -221,5 +221,47 @@ fn hop_histograms_count_every_request_and_counters_track_the_pipeline() {
         "{exported} < spans received"
     );
     assert!(scrape.value("hoptrace_export_queue_spans", &[]).is_some());
+    // The Grafana example (deploy/grafana) queries only series a real agent serves.
+    for name in dashboard_metric_names() {
+        assert!(
+            scrape.samples.iter().any(|s| s.name == name),
+            "the dashboard queries {name}, which the agent does not serve"
+        );
+    }
     drop(agent);
+}
+
+/// Every `hoptrace_*` series name in the example dashboard's Prometheus queries.
+fn dashboard_metric_names() -> std::collections::BTreeSet<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/dashboards/hoptrace.json"
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("JSON");
+    let mut names = std::collections::BTreeSet::new();
+    let queries = dashboard["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .filter_map(|t| t["expr"].as_str())
+        .chain(
+            dashboard["templating"]["list"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v["query"]["query"].as_str()),
+        );
+    for query in queries {
+        for piece in query.split("hoptrace_").skip(1) {
+            let name: String = piece
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            names.insert(format!("hoptrace_{name}"));
+        }
+    }
+    assert!(names.len() >= 8, "{names:?}");
+    names
 }
