@@ -150,8 +150,9 @@ fn sigterm_with_a_collector_that_never_answers_stops_within_the_shutdown_timeout
     let status = agent.stop().expect("stop");
     let took = started.elapsed();
     assert!(status.success(), "{status}");
-    // The bound holds (2 s plus process exit), and the agent says what it gave up.
-    assert!(took < Duration::from_secs(4), "stopping took {took:?}");
+    // The flush bound holds, and the agent says what it gave up. Detaching (an RCU grace
+    // period per link, slow on a loaded machine) and the process exit come on top of the 2 s.
+    assert!(took < Duration::from_secs(6), "stopping took {took:?}");
     assert!(
         took >= Duration::from_secs(2),
         "did not wait for the export: {took:?}"
@@ -309,9 +310,22 @@ fn a_collector_outage_costs_counted_bounded_drops_and_export_recovers_on_its_ret
         .unwrap_or_else(|e| panic!("export did not recover: {e:#}\n{}", agent.stderr()));
     assert!(request_spans(&receiver.spans(), DURING, "agent").len() <= QUEUE + 8);
     agent.stop().expect("stop");
+    // The exit summary counts the same losses.
+    let log = agent.stderr();
+    let summary = log
+        .lines()
+        .find(|l| l.contains("hoptrace agent stopped"))
+        .unwrap_or_else(|| panic!("no summary:\n{log}"));
+    let count = |label: &str| -> f64 {
+        summary
+            .split(label)
+            .nth(1)
+            .and_then(|rest| rest.trim().split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {label:?} in {summary}"))
+    };
     assert!(
-        agent.stderr().contains("exporter recovered"),
-        "{}",
-        agent.stderr()
+        count("dropped (queue full)") + count("failed (exporter)") >= failed + dropped,
+        "{summary}"
     );
 }
