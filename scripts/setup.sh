@@ -21,7 +21,8 @@ DEBIAN_PACKAGES=(iproute2 iptables nginx-light wrk curl python3 tcpdump
 PYTHON_PACKAGES=(opentelemetry-proto==1.27.0 grpcio==1.66.2 protobuf==4.25.5
   opentelemetry-sdk==1.27.0 opentelemetry-exporter-otlp-proto-grpc==1.27.0
   opentelemetry-exporter-otlp-proto-http==1.27.0 googleapis-common-protos==1.65.0
-  kubernetes-validate==1.37.0)   # Kubernetes schemas shipped in the package: deploy/ tests
+  kubernetes-validate==1.37.0   # Kubernetes schemas shipped in the package: deploy/ tests
+  prometheus-client==0.26.0)    # its text-format parsers read the agent's /metrics in tests
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -49,7 +50,7 @@ install_debian_packages() {
 install_python_packages() {
   if python3 -c 'import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc
 import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.proto.http
-import kubernetes_validate, yaml' 2>/dev/null; then
+import kubernetes_validate, yaml, prometheus_client.parser, prometheus_client.openmetrics.parser' 2>/dev/null; then
     return
   fi
   log "installing Python packages: ${PYTHON_PACKAGES[*]}"

@@ -134,6 +134,27 @@ impl Agent {
         self.stdout.lock().unwrap().clone()
     }
 
+    /// http://ADDR/metrics as the agent logged it when serving metrics (`--metrics-addr`, port 0
+    /// included).
+    pub fn metrics_url(&self) -> Option<String> {
+        self.stderr()
+            .lines()
+            .find_map(|l| l.split("serving Prometheus metrics at ").nth(1))
+            .map(|url| url.trim().to_string())
+    }
+
+    /// The agent's process id (until it is stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, as the OOM killer or a node failure would: no cleanup runs in the agent.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("agent already stopped")?;
+        child.kill()?;
+        Ok(child.wait()?)
+    }
+
     /// SIGTERM, then waits (bounded) for a clean exit; returns its status.
     pub fn stop(&mut self) -> Result<ExitStatus> {
         let mut child = self.child.take().context("agent already stopped")?;

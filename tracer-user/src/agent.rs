@@ -13,11 +13,13 @@ use tracer_common::maps::{self, Counter};
 
 use crate::{
     clock::{self, Clock},
+    containers::ContainerMetadata,
     correlate::{self, Correlator},
     decode::{self, Event},
     ebpf,
-    export::{self, ExportConfig, ExportFlags, SpanSink},
+    export::{self, ExportConfig, SpanSink},
     go_tls::GoTls,
+    metrics::{HopRecorder, Metrics, Observed},
     nic::KernelNicTimes,
     requests::{self, Assembler},
     sampling::{Sampler, Untraced},
@@ -30,7 +32,7 @@ pub struct AgentOptions {
     pub scope_netns: Vec<String>,
     pub scope_pids: Vec<u32>,
     pub scope_ports: Vec<u16>,
-    pub export: ExportFlags,
+    pub export: ExportConfig,
     pub untraced: Untraced,
     pub layer_spans: bool,
     pub ring_buffer_bytes: u32,
@@ -38,6 +40,8 @@ pub struct AgentOptions {
     pub shutdown_timeout: Duration,
     /// How often the clock offset is re-sampled and the counters checked.
     pub report_interval: Duration,
+    /// Serve Prometheus metrics here.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Default)]
@@ -54,12 +58,21 @@ struct Pipeline<'a> {
     sink: &'a SpanSink,
     spans: Vec<HopSpan>,
     joined: Vec<HopSpan>,
+    /// container.id and k8s.pod.uid of the spans' processes.
+    containers: ContainerMetadata,
+    /// Latency histograms, when metrics are served.
+    hops: Option<HopRecorder>,
 }
 
 impl Pipeline<'_> {
     fn emit(&mut self, clock: &Clock) {
-        for span in self.spans.drain(..) {
+        for mut span in self.spans.drain(..) {
+            self.containers.annotate(&mut span);
+            let before = self.joined.len();
             self.correlator.observe(&span, &mut self.joined);
+            if let Some(hops) = &mut self.hops {
+                hops.record(&span, &self.joined[before..]);
+            }
             self.sink.send(span, clock);
         }
         for span in self.joined.drain(..) {
@@ -75,7 +88,6 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         &options.scope_pids,
         &options.scope_ports,
     )?;
-    let export_config = ExportConfig::from_env(&options.export).map_err(anyhow::Error::msg)?;
     let sampler = Sampler::from_env(
         std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref(),
         std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().as_deref(),
@@ -91,7 +103,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     // AsyncFd is dropped at the end of this function.
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
-    let (sink, exporter) = export::start(&export_config)?;
+    let (sink, exporter) = export::start(&options.export)?;
     let mut assembler = Assembler::new(requests::Config {
         sampler,
         untraced: options.untraced,
@@ -107,7 +119,22 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     if let Some(go_tls) = &mut go_tls {
         go_tls.rescan(&mut object);
     }
+    let mut metrics = match options.metrics_addr {
+        Some(addr) => {
+            let metrics = Metrics::new(&[
+                ("connections", true),
+                ("requests", attached.requests),
+                ("tcp_arrival", attached.tcp_arrival),
+                ("nic", attached.nic),
+            ]);
+            Some((metrics.serve(addr).await?, metrics))
+        }
+        None => None,
+    };
+    let export_stats = sink.stats();
     let mut pipeline = Pipeline {
+        containers: ContainerMetadata::new(),
+        hops: metrics.as_ref().map(|(_, m)| m.hop_recorder()),
         assembler,
         correlator: Correlator::new(correlate::Config::default()),
         joined: Vec::new(),
@@ -160,6 +187,18 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                     go_tls.rescan(&mut object);
                 }
                 pipeline.emit(&clock);
+                if let Some((_, metrics)) = &mut metrics {
+                    metrics.publish(&Observed {
+                        records: counts.records,
+                        undecodable: counts.decode_errors,
+                        ring_lost: ebpf::read_counters(&object)
+                            .ok()
+                            .map(|c| ebpf::counter(&c, Counter::RingbufFull)),
+                        requests: &pipeline.assembler.stats,
+                        joins: &pipeline.correlator.stats,
+                        export: &export_stats,
+                    });
+                }
             }
             _ = rescan.tick(), if openssl.is_some() => {
                 if let Some(probes) = openssl.as_mut() {
@@ -205,6 +244,9 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let stats = sink.stats();
     drop(sink);
     exporter.shutdown(options.shutdown_timeout).await;
+    if let Some((server, _)) = metrics {
+        server.abort();
+    }
     let stats = stats.summary();
     let lost = kernel_counters.map_or(0, |c| ebpf::counter(&c, Counter::RingbufFull));
     log::info!(
