@@ -89,30 +89,57 @@ impl OtlpClient {
         })
     }
 
-    /// Sends one request; the error says why it was not accepted.
-    pub async fn export(&mut self, request: Vec<u8>) -> Result<(), String> {
-        let outcome = tokio::time::timeout(self.timeout, self.send(request)).await;
-        outcome.unwrap_or_else(|_| Err(format!("timed out after {:?}", self.timeout)))
+    /// Sends one request, retrying what the OTLP spec calls transient failures (the receiver
+    /// unreachable or overloaded, a timeout) with exponential backoff for up to
+    /// [`RETRY_FOR`]; the error says why it was finally not accepted. While a batch retries it
+    /// holds its in-flight slot, so an outage backs the queue up (bounded, drops counted)
+    /// instead of throwing each batch away at once, and what waits is delivered when the
+    /// collector returns.
+    pub async fn export(&mut self, request: Bytes) -> Result<(), String> {
+        let started = tokio::time::Instant::now();
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            let outcome = tokio::time::timeout(self.timeout, self.send(request.clone())).await;
+            let failure = match outcome {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(failure)) => failure,
+                Err(_) => Failure::transient(format!("timed out after {:?}", self.timeout)),
+            };
+            if !failure.transient || started.elapsed() + backoff > RETRY_FOR {
+                return Err(failure.message);
+            }
+            // Jitter keeps agents that lost the same collector from returning in lockstep.
+            let jitter = backoff.mul_f64(rand::random::<f64>() * 0.2);
+            tokio::time::sleep(backoff + jitter).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
     }
 
-    async fn send(&mut self, request: Vec<u8>) -> Result<(), String> {
+    async fn send(&mut self, request: Bytes) -> Result<(), Failure> {
         match &mut self.transport {
             Transport::Grpc(grpc) => {
-                let mut message = tonic::Request::new(Bytes::from(request));
-                *message.metadata_mut() = grpc_metadata(&self.headers)?;
+                let mut message = tonic::Request::new(request);
+                *message.metadata_mut() =
+                    grpc_metadata(&self.headers).map_err(Failure::permanent)?;
                 grpc.ready()
                     .await
-                    .map_err(|e| format!("gRPC channel: {e}"))?;
+                    .map_err(|e| Failure::transient(format!("gRPC channel: {e}")))?;
                 let path = http::uri::PathAndQuery::from_static(GRPC_EXPORT_PATH);
                 let response = grpc
                     .unary(message, path, RawCodec)
                     .await
-                    .map_err(|s| format!("gRPC {s}"))?;
-                partial_success(&response.into_inner())
+                    .map_err(|status| Failure {
+                        transient: grpc_code_is_transient(status.code()),
+                        message: format!("gRPC {status}"),
+                    })?;
+                partial_success(&response.into_inner()).map_err(Failure::permanent)
             }
             Transport::Http { client, url, json } => {
                 let (body, content_type) = if *json {
-                    (transcode_to_json(&request)?, "application/json")
+                    (
+                        Bytes::from(transcode_to_json(&request).map_err(Failure::permanent)?),
+                        "application/json",
+                    )
                 } else {
                     (request, "application/x-protobuf")
                 };
@@ -122,32 +149,79 @@ impl OtlpClient {
                     builder = builder.header(key, value);
                 }
                 let request = builder
-                    .body(Full::new(Bytes::from(body)))
-                    .map_err(|e| e.to_string())?;
+                    .body(Full::new(body))
+                    .map_err(|e| Failure::permanent(e.to_string()))?;
                 let response = client
                     .request(request)
                     .await
-                    .map_err(|e| format!("HTTP: {e}"))?;
+                    .map_err(|e| Failure::transient(format!("HTTP: {e}")))?;
                 let status = response.status();
                 let body = response
                     .into_body()
                     .collect()
                     .await
-                    .map_err(|e| format!("HTTP body: {e}"))?
+                    .map_err(|e| Failure::transient(format!("HTTP body: {e}")))?
                     .to_bytes();
                 if !status.is_success() {
-                    return Err(format!(
-                        "HTTP {status}: {}",
-                        String::from_utf8_lossy(&body[..body.len().min(200)])
-                    ));
+                    return Err(Failure {
+                        // OTLP/HTTP: retryable are 429, 502, 503 and 504.
+                        transient: matches!(status.as_u16(), 429 | 502 | 503 | 504),
+                        message: format!(
+                            "HTTP {status}: {}",
+                            String::from_utf8_lossy(&body[..body.len().min(200)])
+                        ),
+                    });
                 }
                 if *json {
                     return Ok(());
                 }
-                partial_success(&body)
+                partial_success(&body).map_err(Failure::permanent)
             }
         }
     }
+}
+
+/// How long a batch keeps retrying, and the backoff between attempts.
+const RETRY_FOR: Duration = Duration::from_secs(30);
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Why an attempt failed, and whether the OTLP spec says to retry it.
+struct Failure {
+    transient: bool,
+    message: String,
+}
+
+impl Failure {
+    fn transient(message: String) -> Self {
+        Self {
+            transient: true,
+            message,
+        }
+    }
+
+    fn permanent(message: String) -> Self {
+        Self {
+            transient: false,
+            message,
+        }
+    }
+}
+
+/// The gRPC codes the OTLP exporter spec lists as retryable (RESOURCE_EXHAUSTED only with
+/// retry info, which receivers send when they are merely busy: treated as retryable).
+fn grpc_code_is_transient(code: tonic::Code) -> bool {
+    use tonic::Code;
+    matches!(
+        code,
+        Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Aborted
+            | Code::OutOfRange
+            | Code::Unavailable
+            | Code::DataLoss
+    )
 }
 
 /// A receiver may accept a request but reject some spans (OTLP partial success).

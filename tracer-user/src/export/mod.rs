@@ -224,7 +224,7 @@ async fn batch_loop(
                     stats.exported.fetch_add(count, Ordering::Relaxed);
                 }
                 Batch::Otlp(encoder, client) => {
-                    let request = encoder.take_request();
+                    let request = bytes::Bytes::from(encoder.take_request());
                     // Waits when MAX_IN_FLIGHT batches are out: the queue then fills and drops
                     // (counted) instead of memory growing without bound.
                     let Ok(permit) = in_flight.clone().acquire_owned().await else {
