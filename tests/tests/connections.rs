@@ -252,8 +252,10 @@ fn bad_scope_and_a_down_collector_are_clear_errors_not_hangs() {
     // and still stops promptly.
     let lab = lab_with_nginx();
     let ns = lab.netns(Host::Agent).name().to_string();
+    // Export retries until the shutdown bound (2 s here); detaching the probes comes on top
+    // (each tracepoint detach waits for an RCU grace period: seconds on a loaded machine).
     let mut agent = Agent::start(
-        &["--netns", &ns],
+        &["--netns", &ns, "--shutdown-timeout", "2"],
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9"),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),

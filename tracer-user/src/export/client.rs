@@ -95,7 +95,8 @@ impl OtlpClient {
     /// holds its in-flight slot, so an outage backs the queue up (bounded, drops counted)
     /// instead of throwing each batch away at once, and what waits is delivered when the
     /// collector returns.
-    pub async fn export(&mut self, request: Bytes) -> Result<(), String> {
+    /// `on_retry` hears each transient failure that will be retried.
+    pub async fn export(&mut self, request: Bytes, on_retry: impl Fn(&str)) -> Result<(), String> {
         let started = tokio::time::Instant::now();
         let mut backoff = FIRST_BACKOFF;
         loop {
@@ -108,6 +109,7 @@ impl OtlpClient {
             if !failure.transient || started.elapsed() + backoff > RETRY_FOR {
                 return Err(failure.message);
             }
+            on_retry(&failure.message);
             // Jitter keeps agents that lost the same collector from returning in lockstep.
             let jitter = backoff.mul_f64(rand::random::<f64>() * 0.2);
             tokio::time::sleep(backoff + jitter).await;

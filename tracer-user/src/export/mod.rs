@@ -11,7 +11,7 @@ mod terminal;
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -97,6 +97,7 @@ enum Exporter {
 
 pub struct Pipeline {
     task: Option<tokio::task::JoinHandle<()>>,
+    stats: Arc<ExportStats>,
 }
 
 /// Starts the export pipeline on the current tokio runtime.
@@ -105,12 +106,16 @@ pub fn start(config: &ExportConfig) -> anyhow::Result<(SpanSink, Pipeline)> {
     let exporter = match &config.target {
         Target::Disabled(why) => {
             log::warn!("span export disabled: {why}");
+            let pipeline = Pipeline {
+                task: None,
+                stats: Arc::clone(&stats),
+            };
             return Ok((
                 SpanSink {
                     sender: None,
                     stats,
                 },
-                Pipeline { task: None },
+                pipeline,
             ));
         }
         Target::Terminal => {
@@ -141,21 +146,33 @@ pub fn start(config: &ExportConfig) -> anyhow::Result<(SpanSink, Pipeline)> {
         config.clone(),
         stats.clone(),
     ));
+    let pipeline = Pipeline {
+        task: Some(task),
+        stats: stats.clone(),
+    };
     Ok((
         SpanSink {
             sender: Some(sender),
             stats,
         },
-        Pipeline { task: Some(task) },
+        pipeline,
     ))
 }
 
 impl Pipeline {
     /// Flushes what is queued (the senders must be dropped first) within `timeout`.
+    /// Spans still queued or retrying then are lost, and counted as failed.
     pub async fn shutdown(self, timeout: Duration) {
         let Some(task) = self.task else { return };
         if tokio::time::timeout(timeout, task).await.is_err() {
-            log::warn!("export did not finish within {timeout:?}: pending spans are lost");
+            let stats = &self.stats;
+            let done =
+                stats.exported.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed);
+            let pending = stats.queued.load(Ordering::Relaxed).saturating_sub(done);
+            stats.failed.fetch_add(pending, Ordering::Relaxed);
+            log::warn!(
+                "export did not finish within {timeout:?}: {pending} pending spans lost (counted as failed)"
+            );
         }
     }
 }
@@ -198,7 +215,7 @@ async fn batch_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut sending = JoinSet::new();
-    let failures = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(Failures::default());
     loop {
         let closed = tokio::select! {
             span = receiver.recv() => match span {
@@ -233,7 +250,13 @@ async fn batch_loop(
                     let (mut client, stats, failures) =
                         (client.clone(), stats.clone(), failures.clone());
                     sending.spawn(async move {
-                        let outcome = client.export(request).await;
+                        // Once per outage, not per attempt of every batch in flight.
+                        let on_retry = |why: &str| {
+                            if !failures.retrying.swap(true, Ordering::Relaxed) {
+                                log::warn!("export failed, retrying for up to 30 s: {why}");
+                            }
+                        };
+                        let outcome = client.export(request, on_retry).await;
                         drop(permit);
                         record_outcome(outcome, count, &stats, &failures);
                     });
@@ -248,23 +271,37 @@ async fn batch_loop(
     }
 }
 
-/// Counts a batch's outcome; logs the first failure, every 100th after it, and recovery.
+/// What the log has said about failing exports, shared by the batches in flight.
+#[derive(Default)]
+struct Failures {
+    /// Batches lost since the last success.
+    batches: AtomicU64,
+    /// A retry was reported since the last success.
+    retrying: AtomicBool,
+}
+
+/// Counts a batch's outcome; logs the first loss, every 100th after it, and recovery.
 fn record_outcome(
     outcome: Result<(), String>,
     count: u64,
     stats: &ExportStats,
-    failures: &AtomicU64,
+    failures: &Failures,
 ) {
     match outcome {
         Ok(()) => {
             stats.exported.fetch_add(count, Ordering::Relaxed);
-            if failures.swap(0, Ordering::Relaxed) > 0 {
+            let lost = failures.batches.swap(0, Ordering::Relaxed) > 0;
+            if failures.retrying.swap(false, Ordering::Relaxed) || lost {
                 log::info!("exporter recovered");
             }
         }
         Err(why) => {
             let failed = stats.failed.fetch_add(count, Ordering::Relaxed) + count;
-            if failures.fetch_add(1, Ordering::Relaxed).is_multiple_of(100) {
+            if failures
+                .batches
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(100)
+            {
                 log::warn!("export failed ({failed} spans lost so far): {why}");
             }
         }
