@@ -34,7 +34,7 @@ pub struct AgentOptions {
     pub ring_buffer_bytes: u32,
     /// How long Ctrl-C / SIGTERM may take to flush pending spans.
     pub shutdown_timeout: Duration,
-    /// How often the clock offset is re-sampled and the counters checked.
+    /// How often the kernel counters are checked.
     pub report_interval: Duration,
 }
 
@@ -57,7 +57,12 @@ struct Pipeline<'a> {
 impl Pipeline<'_> {
     fn emit(&mut self, clock: &Clock) {
         for span in self.spans.drain(..) {
-            self.correlator.observe(&span, &mut self.joined);
+            self.correlator.observe(
+                &span,
+                &correlate::ClockInfo::this_host(),
+                span.end_ns,
+                &mut self.joined,
+            );
             self.sink.send(&span, clock);
         }
         for span in self.joined.drain(..) {
@@ -89,7 +94,23 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     // AsyncFd is dropped at the end of this function.
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
-    let (sink, exporter) = export::start(&export_config)?;
+    // The clock state as the agent starts: a correlator compares it across hosts.
+    let clock_state = clock::ClockState::read();
+    let resource = opentelemetry_sdk::Resource::builder_empty()
+        .with_attributes(
+            export_config
+                .resource()
+                .iter()
+                .map(|(k, v)| opentelemetry::KeyValue::new(k.clone(), v.clone()))
+                .chain(
+                    clock_state
+                        .attributes()
+                        .iter()
+                        .map(|(k, v)| export::key_value(k, v)),
+                ),
+        )
+        .build();
+    let (sink, exporter) = export::start(&export_config, resource)?;
     let mut assembler = Assembler::new(requests::Config {
         sampler,
         untraced: options.untraced,
@@ -131,13 +152,15 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 guard.clear_ready();
             }
             _ = sweep.tick() => {
+                // Often: two agents on one kernel map its clock to wall time alike only when
+                // neither lags behind an NTP slew (a correlator compares their times).
+                clock = Clock::sample();
                 pipeline.assembler.sweep(clock::monotonic_now_ns(), &mut pipeline.spans);
                 pipeline.emit(&clock);
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = report.tick() => {
-                clock = Clock::sample();
                 check_kernel_counters(&object, &mut counts);
             }
         }
@@ -151,11 +174,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     pipeline.assembler.flush(&mut pipeline.spans);
     pipeline.emit(&clock);
     let request_stats = pipeline.assembler.stats.summary();
-    let join = &pipeline.correlator.stats;
-    let request_stats = format!(
-        "{request_stats}; firewall joins {}, one-sided {}, inconsistent {}",
-        join.joined, join.one_sided, join.inconsistent
-    );
+    let request_stats = format!("{request_stats}; {}", pipeline.correlator.stats.summary());
     drop(pipeline);
     let stats = sink.stats();
     drop(sink);

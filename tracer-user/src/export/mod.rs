@@ -16,7 +16,11 @@ use std::{
 };
 
 pub use config::{ExportConfig, ExportFlags, Protocol, Target};
-use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
+use opentelemetry_sdk::{
+    Resource,
+    trace::{SpanData, SpanExporter as _},
+};
+pub use otel::key_value;
 use tokio::sync::mpsc;
 
 use crate::{clock::Clock, span::HopSpan};
@@ -51,8 +55,15 @@ pub struct SpanSink {
 
 impl SpanSink {
     pub fn send(&self, span: &HopSpan, clock: &Clock) {
+        if self.sender.is_some() {
+            self.send_data(otel::to_span_data(span, clock));
+        }
+    }
+
+    /// Enqueues a span that already is OpenTelemetry's (the correlator's received spans).
+    pub fn send_data(&self, span: SpanData) {
         let Some(sender) = &self.sender else { return };
-        match sender.try_send(otel::to_span_data(span, clock)) {
+        match sender.try_send(span) {
             Ok(()) => {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
             }
@@ -101,8 +112,9 @@ pub struct Pipeline {
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// Starts the export pipeline on the current tokio runtime.
-pub fn start(config: &ExportConfig) -> anyhow::Result<(SpanSink, Pipeline)> {
+/// Starts the export pipeline on the current tokio runtime; its spans carry `resource`
+/// (normally `config.resource()`, plus what the caller knows about itself).
+pub fn start(config: &ExportConfig, resource: Resource) -> anyhow::Result<(SpanSink, Pipeline)> {
     let stats = Arc::new(ExportStats::default());
     let exporter = match &config.target {
         Target::Disabled(why) => {
@@ -117,7 +129,7 @@ pub fn start(config: &ExportConfig) -> anyhow::Result<(SpanSink, Pipeline)> {
         }
         Target::Terminal => {
             log::info!("no OTLP endpoint configured: printing spans to the terminal");
-            Exporter::Terminal(terminal::TerminalExporter::new(config.resource()))
+            Exporter::Terminal(terminal::TerminalExporter::new(resource))
         }
         Target::Otlp { endpoint, protocol } => {
             log::info!(
@@ -125,7 +137,7 @@ pub fn start(config: &ExportConfig) -> anyhow::Result<(SpanSink, Pipeline)> {
                 protocol.as_str()
             );
             let mut exporter = otel::otlp_exporter(endpoint, *protocol, config.export_timeout)?;
-            exporter.set_resource(&config.resource());
+            exporter.set_resource(&resource);
             Exporter::Otlp(Box::new(exporter))
         }
     };

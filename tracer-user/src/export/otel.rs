@@ -79,7 +79,7 @@ fn events(span: &HopSpan, clock: &Clock) -> SpanEvents {
     events
 }
 
-fn key_value(key: &'static str, value: &Value) -> KeyValue {
+pub fn key_value(key: &'static str, value: &Value) -> KeyValue {
     match value {
         Value::Str(s) => KeyValue::new(key, s.clone()),
         Value::Int(i) => KeyValue::new(key, *i),
