@@ -1,4 +1,5 @@
 pub mod agent;
+pub mod firewall;
 pub mod receiver;
 
 /// Timing checks of the end-to-end tests: the lab's delays are exact to well under this.
