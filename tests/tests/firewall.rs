@@ -3,8 +3,6 @@
 //! traceparent and exports the firewall's forward and return time, through a plain L3
 //! forwarder and through haproxy terminating TCP in the fw.
 
-use std::time::Duration;
-
 use hoptrace_tests::{
     agent::Agent,
     firewall::{REQUESTS, check_split, curl_requests, lab, set_delays, spans_of, start_haproxy},
