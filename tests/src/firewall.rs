@@ -2,11 +2,14 @@
 //! agents and the correlator (tests/correlator.rs): the requests, the haproxy in the fw, and
 //! the checks of the firewall spans at the receiver.
 
-use std::time::Duration;
+use std::{net::TcpListener, time::Duration};
 
 use xtask::lab::{Background, Direction, FW_AGENT_IP, Host, Lab, LabConfig, PERSONA_IP};
 
-use crate::receiver::{OtlpReceiver, ReceivedSpan};
+use crate::{
+    agent::Agent,
+    receiver::{OtlpReceiver, ReceivedSpan},
+};
 
 pub const PARENT_ID: &str = "00f067aa0ba902b7";
 /// Requests per test: one that opens the connection, then keep-alive ones.
@@ -216,4 +219,71 @@ pub fn set_delays(lab: &Lab, forward_ms: u64, return_ms: u64) {
         .unwrap();
     lab.set_delay(Direction::Return, Duration::from_millis(return_ms))
         .unwrap();
+}
+
+/// A port nobody listens on now (the correlator binds it right after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The correlator exporting to `receiver`, and an agent per side exporting to it.
+pub struct Deployment {
+    pub correlator: Agent,
+    _agents: [Agent; 2],
+}
+
+/// `join_window_s`: how long a side waits for the other.
+pub fn deploy_correlated(lab: &Lab, receiver: &OtlpReceiver, join_window_s: u64) -> Deployment {
+    let (grpc, http) = (free_port(), free_port());
+    let window = join_window_s.to_string();
+    let (grpc_listen, http_listen) = (format!("127.0.0.1:{grpc}"), format!("127.0.0.1:{http}"));
+    let endpoint = receiver.grpc_endpoint();
+    let correlator = Agent::start_correlator(
+        &[
+            "--grpc-listen",
+            &grpc_listen,
+            "--http-listen",
+            &http_listen,
+            "--join-window",
+            &window,
+        ],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_SERVICE_NAME", "hoptrace-correlator-test"),
+        ],
+    )
+    .expect("correlator");
+    let agent = |host: Host, endpoint: String, protocol: &str, service: &str| {
+        Agent::start(
+            &["--netns", lab.netns(host).name()],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
+                ("OTEL_SERVICE_NAME", service),
+            ],
+        )
+        .expect("agent")
+    };
+    let agents = [
+        agent(
+            Host::Agent,
+            format!("http://{grpc_listen}"),
+            "grpc",
+            "hoptrace-agent-side",
+        ),
+        agent(
+            Host::Persona,
+            format!("http://{http_listen}"),
+            "http/protobuf",
+            "hoptrace-persona-side",
+        ),
+    ];
+    Deployment {
+        correlator,
+        _agents: agents,
+    }
 }

@@ -6,86 +6,19 @@
 //! sums are checked as in the single-host test; the offset estimator for different clocks is
 //! unit-tested (clock_offset.rs, correlate.rs).
 
-use std::{net::TcpListener, time::Duration};
+use std::time::Duration;
 
 use hoptrace_tests::{
-    agent::Agent,
     firewall::{
-        HAPROXY_LOCAL_PATH, PARENT_ID, REQUESTS, check_split, curl_requests, lab, set_delays,
-        spans_of, start_haproxy,
+        HAPROXY_LOCAL_PATH, PARENT_ID, REQUESTS, check_split, curl_requests, deploy_correlated,
+        lab, set_delays, spans_of, start_haproxy,
     },
     receiver::OtlpReceiver,
 };
-use xtask::lab::{Host, Lab};
+use xtask::lab::Host;
 
 /// How long a side waits for the other: short, so that the one-sided test sees its eviction.
 const JOIN_WINDOW_S: u64 = 2;
-
-/// A port nobody listens on now (the correlator binds it right after).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// The correlator exporting to `receiver`, and an agent per side exporting to it.
-struct Deployment {
-    correlator: Agent,
-    _agents: [Agent; 2],
-}
-
-fn deploy(lab: &Lab, receiver: &OtlpReceiver) -> Deployment {
-    let (grpc, http) = (free_port(), free_port());
-    let window = JOIN_WINDOW_S.to_string();
-    let (grpc_listen, http_listen) = (format!("127.0.0.1:{grpc}"), format!("127.0.0.1:{http}"));
-    let endpoint = receiver.grpc_endpoint();
-    let correlator = Agent::start_correlator(
-        &[
-            "--grpc-listen",
-            &grpc_listen,
-            "--http-listen",
-            &http_listen,
-            "--join-window",
-            &window,
-        ],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-            ("OTEL_SERVICE_NAME", "hoptrace-correlator-test"),
-        ],
-    )
-    .expect("correlator");
-    let agent = |host: Host, endpoint: String, protocol: &str, service: &str| {
-        Agent::start(
-            &["--netns", lab.netns(host).name()],
-            &[
-                ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-                ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
-                ("OTEL_SERVICE_NAME", service),
-            ],
-        )
-        .expect("agent")
-    };
-    let agents = [
-        agent(
-            Host::Agent,
-            format!("http://{grpc_listen}"),
-            "grpc",
-            "hoptrace-agent-side",
-        ),
-        agent(
-            Host::Persona,
-            format!("http://{http_listen}"),
-            "http/protobuf",
-            "hoptrace-persona-side",
-        ),
-    ];
-    Deployment {
-        correlator,
-        _agents: agents,
-    }
-}
 
 /// The sides' spans arrive under their own agents' resources with the clock state; the
 /// firewall spans under the correlator's, measured on the shared clock.
@@ -123,7 +56,7 @@ fn check_resources(spans: &[hoptrace_tests::receiver::ReceivedSpan]) {
 fn two_agents_and_the_correlator_attribute_an_l3_forwarder() {
     let lab = lab();
     let receiver = OtlpReceiver::start().expect("receiver");
-    let _deployment = deploy(&lab, &receiver);
+    let _deployment = deploy_correlated(&lab, &receiver, JOIN_WINDOW_S);
     set_delays(&lab, 20, 10);
     let trace = "2af7651916cd43dd8448eb211c80319c";
     curl_requests(&lab, &lab.nginx_url("/"), trace);
@@ -137,7 +70,7 @@ fn two_agents_and_the_correlator_attribute_a_proxy_and_pass_one_sided_requests_t
     let lab = lab();
     let (_haproxy, url) = start_haproxy(&lab);
     let receiver = OtlpReceiver::start().expect("receiver");
-    let mut deployment = deploy(&lab, &receiver);
+    let mut deployment = deploy_correlated(&lab, &receiver, JOIN_WINDOW_S);
     set_delays(&lab, 15, 5);
     let trace = "3af7651916cd43dd8448eb211c80319c";
     curl_requests(&lab, &url, trace);
