@@ -96,6 +96,10 @@ fn wait_http(
         })
 }
 
+/// Timestamps come from different CPUs: allow for their skew below an injected delay, which
+/// the delay holder never undercuts.
+const NEVER_EARLY_SLACK: Duration = Duration::from_micros(50);
+
 #[test]
 fn a_traceparent_yields_agent_and_persona_spans_under_its_parent_with_the_delays_between_them() {
     let s = setup(&[("HOPTRACE_LAYER_SPANS", "true")]);
@@ -126,20 +130,13 @@ fn a_traceparent_yields_agent_and_persona_spans_under_its_parent_with_the_delays
         persona[0].attr_str("process.executable.name"),
         Some("nginx")
     );
-    // The agent span minus the persona span is the time in the network and the fw: here the
-    // injected delays (both directions), for the keep-alive request.
+    // The agent span minus the persona span is the time in the network and the fw (the
+    // injected delays, both directions) plus curl's own time, which only adds (unbounded on a
+    // loaded machine): a lower bound here; the exact split is checked NIC to NIC below.
     let outside = agent[1].duration().saturating_sub(persona[1].duration());
-    assert_close(
-        outside,
-        Duration::from_millis(30),
-        "keep-alive request: agent - persona",
-    );
-    // The first request also waited for the handshake: one more round trip.
-    let outside_first = agent[0].duration().saturating_sub(persona[0].duration());
-    assert_close(
-        outside_first,
-        Duration::from_millis(60),
-        "first request incl. connect: agent - persona",
+    assert!(
+        outside + NEVER_EARLY_SLACK >= Duration::from_millis(30),
+        "keep-alive request: agent - persona = {outside:?}"
     );
     assert_eq!(
         agent[0].attr_bool("hoptrace.connection.first_request"),
@@ -159,6 +156,17 @@ fn a_traceparent_yields_agent_and_persona_spans_under_its_parent_with_the_delays
         (TRACE_ID, agent[0].span_id.as_str())
     );
     assert_close(connect.duration(), Duration::from_millis(30), "connect");
+    // The first request's span starts with its connect and also waited for the handshake: one
+    // more round trip.
+    assert_eq!(
+        agent[0].start_time_unix_nano, connect.start_time_unix_nano,
+        "from the connect on"
+    );
+    let outside_first = agent[0].duration().saturating_sub(persona[0].duration());
+    assert!(
+        outside_first + NEVER_EARLY_SLACK >= Duration::from_millis(60),
+        "first request: agent - persona = {outside_first:?}"
+    );
     for part in ["kernel receive", "application", "kernel send"] {
         let child = spans
             .iter()

@@ -63,10 +63,10 @@ impl Pipeline<'_> {
                 span.end_ns,
                 &mut self.joined,
             );
-            self.sink.send(&span, clock);
+            self.sink.send(span, clock);
         }
         for span in self.joined.drain(..) {
-            self.sink.send(&span, clock);
+            self.sink.send(span, clock);
         }
     }
 }
@@ -102,12 +102,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 .resource()
                 .iter()
                 .map(|(k, v)| opentelemetry::KeyValue::new(k.clone(), v.clone()))
-                .chain(
-                    clock_state
-                        .attributes()
-                        .iter()
-                        .map(|(k, v)| export::key_value(k, v)),
-                ),
+                .chain(clock_state.attributes()),
         )
         .build();
     let (sink, exporter) = export::start(&export_config, resource)?;

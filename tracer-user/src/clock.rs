@@ -4,7 +4,7 @@
 //! re-samples it periodically. Durations never depend on it: they are differences of kernel
 //! timestamps, exact to the nanosecond whatever the wall clock does.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use opentelemetry::KeyValue;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Clock {
@@ -47,9 +47,10 @@ impl Clock {
         }
     }
 
-    pub fn to_system_time(self, monotonic_ns: u64) -> SystemTime {
+    /// `monotonic_ns` as ns since the Unix epoch (0 before it).
+    pub fn to_unix_ns(self, monotonic_ns: u64) -> u64 {
         let unix_ns = (monotonic_ns as i128 + self.realtime_minus_monotonic_ns).max(0);
-        UNIX_EPOCH + Duration::from_nanos(u64::try_from(unix_ns).unwrap_or(u64::MAX))
+        u64::try_from(unix_ns).unwrap_or(u64::MAX)
     }
 }
 
@@ -88,14 +89,14 @@ impl ClockState {
     }
 
     /// As `hoptrace.clock.*` resource attributes (keys shared with the correlator).
-    pub fn attributes(&self) -> Vec<(&'static str, crate::span::Value)> {
+    pub fn attributes(&self) -> Vec<KeyValue> {
         let mut attributes = vec![
-            (attr::SYNCHRONIZED, self.synchronized.into()),
-            (attr::ESTERROR_NS, (self.esterror_ns as i64).into()),
-            (attr::MAXERROR_NS, (self.maxerror_ns as i64).into()),
+            KeyValue::new(attr::SYNCHRONIZED, self.synchronized),
+            KeyValue::new(attr::ESTERROR_NS, self.esterror_ns as i64),
+            KeyValue::new(attr::MAXERROR_NS, self.maxerror_ns as i64),
         ];
         if let Some(id) = &self.boot_id {
-            attributes.push((attr::BOOT_ID, id.clone().into()));
+            attributes.push(KeyValue::new(attr::BOOT_ID, id.clone()));
         }
         attributes
     }
@@ -126,24 +127,28 @@ pub fn monotonic_now_ns() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
     use super::*;
 
     #[test]
     fn maps_monotonic_to_wall_clock_and_keeps_differences() {
         let clock = Clock::with_offset(1_700_000_000_000_000_000);
-        let a = clock.to_system_time(5_000);
-        let b = clock.to_system_time(25_000);
-        assert_eq!(b.duration_since(a).unwrap(), Duration::from_micros(20));
+        let a = clock.to_unix_ns(5_000);
+        let b = clock.to_unix_ns(25_000);
+        assert_eq!(b - a, 20_000);
+        assert_eq!(a, 1_700_000_000_000_005_000);
         assert_eq!(
-            a.duration_since(UNIX_EPOCH).unwrap().as_nanos(),
-            1_700_000_000_000_005_000
+            Clock::with_offset(-10_000).to_unix_ns(5_000),
+            0,
+            "before the epoch"
         );
     }
 
     #[test]
     fn a_sample_agrees_with_the_system_clock() {
         let clock = Clock::sample();
-        let mapped = clock.to_system_time(monotonic_now_ns());
+        let mapped = UNIX_EPOCH + Duration::from_nanos(clock.to_unix_ns(monotonic_now_ns()));
         let drift = SystemTime::now().duration_since(mapped).unwrap_or_default();
         assert!(drift < Duration::from_millis(50), "{drift:?}");
         assert!(clock.uncertainty_ns < 1_000_000);
@@ -157,7 +162,13 @@ mod tests {
         // The kernel caps maxerror at NTP_PHASE_LIMIT (16 s), esterror below it.
         assert!(state.maxerror_ns <= 16_000_000_000, "{state:?}");
         assert!(state.esterror_ns <= state.maxerror_ns.max(16_000_000_000));
-        let keys: Vec<_> = state.attributes().iter().map(|(k, _)| *k).collect();
-        assert!(keys.contains(&attr::SYNCHRONIZED) && keys.contains(&attr::BOOT_ID));
+        let keys: Vec<_> = state
+            .attributes()
+            .iter()
+            .map(|kv| kv.key.as_str().to_owned())
+            .collect();
+        assert!(
+            keys.iter().any(|k| k == attr::SYNCHRONIZED) && keys.iter().any(|k| k == attr::BOOT_ID)
+        );
     }
 }

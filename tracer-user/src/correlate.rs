@@ -21,7 +21,10 @@
 //! keys wait; older ones are evicted and counted, and so are the host pairs whose offsets are
 //! tracked.
 
-use std::collections::{HashMap, VecDeque};
+use std::{
+    borrow::Cow,
+    collections::{HashMap, VecDeque},
+};
 
 use crate::{
     clock_offset::{Added, OffsetEstimator},
@@ -94,7 +97,7 @@ impl Stats {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClockInfo {
     /// Equal for two sides reading one kernel's clocks (its boot id); None: unknown.
-    pub domain: Option<String>,
+    pub domain: Option<Cow<'static, str>>,
     pub synchronized: bool,
     /// The kernel's bound on its wall clock's error (adjtimex maxerror), when synchronized.
     pub maxerror_ns: u64,
@@ -108,7 +111,8 @@ impl ClockInfo {
     /// Both sides on this host (the agent's single-host mode).
     pub fn this_host() -> Self {
         Self {
-            domain: Some("this host".into()),
+            // Borrowed: the agent passes this with every span, and allocates nothing for it.
+            domain: Some(Cow::Borrowed("this host")),
             synchronized: true,
             maxerror_ns: 0,
             mapping_error_ns: 0,
@@ -122,8 +126,8 @@ pub trait SpanView {
     fn span_id(&self) -> [u8; 8];
     fn parent_id(&self) -> Option<[u8; 8]>;
     fn role(&self) -> Role;
-    /// A string or integer attribute, as text.
-    fn text(&self, key: &str) -> Option<String>;
+    /// A string or integer attribute, as text (borrowed where it is one).
+    fn text(&self, key: &str) -> Option<Cow<'_, str>>;
     /// The time of the span's event `name`.
     fn event(&self, name: &str) -> Option<u64>;
     fn start_ns(&self) -> u64;
@@ -144,10 +148,10 @@ impl SpanView for HopSpan {
     fn role(&self) -> Role {
         self.role
     }
-    fn text(&self, key: &str) -> Option<String> {
+    fn text(&self, key: &str) -> Option<Cow<'_, str>> {
         match self.attr(key)? {
-            Value::Str(s) => Some(s.to_string()),
-            Value::Int(i) => Some(i.to_string()),
+            Value::Str(s) => Some(Cow::Borrowed(s)),
+            Value::Int(i) => Some(Cow::Owned(i.to_string())),
             Value::Bool(_) => None,
         }
     }
@@ -330,7 +334,7 @@ impl Correlator {
         let prior = both_synchronized.then(|| a.maxerror_ns.saturating_add(p.maxerror_ns));
         let (estimate, stale) = match (&a.domain, &p.domain) {
             (Some(ad), Some(pd)) => {
-                let pair = (ad.clone(), pd.clone());
+                let pair = (ad.to_string(), pd.to_string());
                 if !self.offsets.contains_key(&pair) && self.offsets.len() >= MAX_HOST_PAIRS {
                     // Arbitrary but bounded: a forgotten pair relearns from its next requests.
                     if let Some(victim) = self.offsets.keys().next().cloned() {

@@ -1,16 +1,16 @@
 //! `hoptrace correlate`: the multi-host join. Agents on the client and server hosts (or a
 //! collector routing by trace id in front of several correlators) send their spans here over
 //! OTLP; every span is passed on unchanged, under its sender's resource, to the exporter the
-//! OTEL_* variables configure (the terminal by default), and when both sides of a request have
+//! OTEL_* variables configure (the terminal by default), in the same export requests as the
+//! correlator's own firewall spans (under its own resource), and when both sides of a request have
 //! arrived within the window the firewall spans are added (correlate.rs, the join the agent's
 //! single-host mode uses too). Sides that wait longer are evicted and counted; nothing is held
 //! back from export while it waits.
 
-mod convert;
+mod received;
 mod receiver;
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::atomic::Ordering,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -29,10 +29,6 @@ use crate::{
     span::HopSpan,
 };
 
-/// Each distinct sender resource gets its own export pipeline (the exporter stamps one resource
-/// on a batch); more than this many and the rest share the correlator's, counted.
-const MAX_RESOURCES: usize = 256;
-
 pub struct CorrelateOptions {
     pub grpc_listen: SocketAddr,
     pub http_listen: SocketAddr,
@@ -49,33 +45,6 @@ struct Counts {
     spans: u64,
     /// Spans without valid ids: neither exportable nor joinable.
     invalid: u64,
-    resources_over_limit: u64,
-}
-
-/// Where spans go: one pipeline per sender resource, and the correlator's own.
-struct Outputs {
-    config: ExportConfig,
-    by_resource: HashMap<String, (SpanSink, export::Pipeline)>,
-    own: (SpanSink, export::Pipeline),
-}
-
-impl Outputs {
-    fn for_resource(
-        &mut self,
-        resource: Option<&opentelemetry_proto::tonic::resource::v1::Resource>,
-        counts: &mut Counts,
-    ) -> anyhow::Result<&SpanSink> {
-        let key = format!("{:?}", resource.map(|r| &r.attributes));
-        if !self.by_resource.contains_key(&key) {
-            if self.by_resource.len() >= MAX_RESOURCES {
-                counts.resources_over_limit += 1;
-                return Ok(&self.own.0);
-            }
-            let pipeline = export::start(&self.config, convert::resource(resource))?;
-            self.by_resource.insert(key.clone(), pipeline);
-        }
-        Ok(&self.by_resource[&key].0)
-    }
 }
 
 fn unix_now_ns() -> u64 {
@@ -95,12 +64,7 @@ pub async fn run(options: CorrelateOptions) -> anyhow::Result<()> {
         servers.push(tokio::spawn(receiver::serve(listener, ingest.clone())));
     }
     drop(ingest);
-    let own = export::start(&config, config.resource())?;
-    let mut outputs = Outputs {
-        config,
-        by_resource: HashMap::new(),
-        own,
-    };
+    let (sink, pipeline) = export::start(&config, config.resource())?;
     let mut correlator = Correlator::new(options.join);
     let mut counts = Counts::default();
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -116,7 +80,7 @@ pub async fn run(options: CorrelateOptions) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             request = queue.recv() => match request {
-                Some(request) => process(request, &mut outputs, &mut correlator, &mut counts)?,
+                Some(request) => process(request, &sink, &mut correlator, &mut counts),
                 None => break,
             },
             _ = evict.tick() => correlator.evict(unix_now_ns()),
@@ -130,26 +94,16 @@ pub async fn run(options: CorrelateOptions) -> anyhow::Result<()> {
         server.abort();
     }
     while let Ok(request) = queue.try_recv() {
-        process(request, &mut outputs, &mut correlator, &mut counts)?;
+        process(request, &sink, &mut correlator, &mut counts);
     }
     let waiting = correlator.pending();
     let summary = summary(&counts, &correlator, &receiver_stats);
-    let mut flushes = Vec::new();
-    for (sink, pipeline) in outputs.by_resource.into_values().chain([outputs.own]) {
-        let stats = sink.stats();
-        drop(sink);
-        flushes.push(async move {
-            pipeline.shutdown(options.shutdown_timeout).await;
-            stats
-        });
-    }
-    let mut exported = 0;
-    let mut lost = 0;
-    for stats in futures_join(flushes).await {
-        exported += stats.exported.load(Ordering::Relaxed);
-        lost +=
-            stats.dropped_queue_full.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed);
-    }
+    let stats = sink.stats();
+    drop(sink);
+    pipeline.shutdown(options.shutdown_timeout).await;
+    let exported = stats.exported.load(Ordering::Relaxed);
+    let lost =
+        stats.dropped_queue_full.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed);
     log::info!(
         "hoptrace correlate stopped: {summary}; {waiting} sides still waiting (their spans were \
          exported, unjoined); spans exported {exported}, lost {lost}"
@@ -157,62 +111,48 @@ pub async fn run(options: CorrelateOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the flushes concurrently: each may take up to the shutdown timeout.
-async fn futures_join<T: Send + 'static>(
-    futures: Vec<impl std::future::Future<Output = T> + Send + 'static>,
-) -> Vec<T> {
-    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
-    let mut out = Vec::new();
-    for handle in handles {
-        if let Ok(value) = handle.await {
-            out.push(value);
-        }
-    }
-    out
-}
-
 fn summary(counts: &Counts, correlator: &Correlator, receiver: &receiver::ReceiverStats) -> String {
     format!(
-        "OTLP requests {} (busy {}, malformed {}), spans {} (invalid ids {}, senders over the \
-         resource limit {}); {}",
+        "OTLP requests {} (busy {}, malformed {}), spans {} (invalid ids {}); {}",
         receiver.requests.load(Ordering::Relaxed),
         receiver.busy.load(Ordering::Relaxed),
         receiver.malformed.load(Ordering::Relaxed),
         counts.spans,
         counts.invalid,
-        counts.resources_over_limit,
         correlator.stats.summary()
     )
 }
 
-/// Passes every span on and feeds the request spans to the join.
+/// Feeds the request spans to the join and passes every span on, each resource's as it came
+/// (less the spans without valid ids), followed by the firewall spans the join made.
 fn process(
     request: ExportTraceServiceRequest,
-    outputs: &mut Outputs,
+    sink: &SpanSink,
     correlator: &mut Correlator,
     counts: &mut Counts,
-) -> anyhow::Result<()> {
+) {
     let now = unix_now_ns();
     let mut joined: Vec<HopSpan> = Vec::new();
-    for resource_spans in &request.resource_spans {
-        let resource = resource_spans.resource.as_ref();
-        let clock = convert::clock_info(resource);
-        let sink = outputs.for_resource(resource, counts)?;
-        for scope_spans in &resource_spans.scope_spans {
-            let scope = convert::scope(scope_spans.scope.as_ref());
-            for span in &scope_spans.spans {
+    for mut resource_spans in request.resource_spans {
+        let clock = received::clock_info(resource_spans.resource.as_ref());
+        let mut valid = 0;
+        for scope_spans in &mut resource_spans.scope_spans {
+            scope_spans.spans.retain(|span| {
                 counts.spans += 1;
-                let Some(received) = convert::Received::new(span) else {
+                let Some(received) = received::Received::new(span) else {
                     counts.invalid += 1;
-                    continue;
+                    return false;
                 };
-                sink.send_data(received.to_span_data(&scope));
                 correlator.observe(&received, &clock, now, &mut joined);
-            }
+                true
+            });
+            valid += scope_spans.spans.len();
+        }
+        if valid > 0 {
+            sink.forward(resource_spans);
         }
     }
-    for span in &joined {
-        outputs.own.0.send(span, &Clock::unix());
+    for span in joined {
+        sink.send(span, &Clock::unix());
     }
-    Ok(())
 }

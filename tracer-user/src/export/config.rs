@@ -53,6 +53,8 @@ pub struct ExportConfig {
     pub max_export_batch_size: usize,
     pub schedule_delay: Duration,
     pub export_timeout: Duration,
+    /// OTEL_EXPORTER_OTLP_[TRACES_]HEADERS: `key=value,...` sent with every export.
+    pub headers: Option<String>,
 }
 
 /// Flags that override the environment.
@@ -133,6 +135,8 @@ impl ExportConfig {
                 .min(max_queue_size),
             schedule_delay: Duration::from_millis(number("OTEL_BSP_SCHEDULE_DELAY", 5000)?.max(1)),
             export_timeout: Duration::from_millis(number("OTEL_BSP_EXPORT_TIMEOUT", 30000)?.max(1)),
+            headers: lookup("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+                .or_else(|| lookup("OTEL_EXPORTER_OTLP_HEADERS")),
         })
     }
 

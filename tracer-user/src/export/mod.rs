@@ -1,10 +1,15 @@
-//! Export: the only module that knows OpenTelemetry. Spans go through a bounded queue to a batch
-//! task that hands them to the configured exporter: OTLP (gRPC or HTTP) when an endpoint is
-//! configured, otherwise the terminal printer. A full queue or a failing collector never blocks
-//! the agent: spans are dropped and counted.
+//! Export: spans go through a bounded queue to a batch task that encodes them as OTLP protobuf
+//! and sends them to the configured receiver (gRPC or HTTP), several batches in flight, or
+//! prints them on the terminal when no endpoint is configured. A full queue or a failing
+//! collector never blocks the agent: spans are dropped and counted.
+//!
+//! The queue carries hoptrace's own spans (exported under the resource given to `start`) and,
+//! in the correlator, spans received over OTLP, which go on unchanged under their sender's
+//! resource in the same requests.
 
+mod client;
 mod config;
-mod otel;
+mod otlp;
 mod terminal;
 
 use std::{
@@ -16,14 +21,18 @@ use std::{
 };
 
 pub use config::{ExportConfig, ExportFlags, Protocol, Target};
-use opentelemetry_sdk::{
-    Resource,
-    trace::{SpanData, SpanExporter as _},
+use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
+use opentelemetry_sdk::Resource;
+pub use otlp::attribute_text;
+use tokio::{
+    sync::{Semaphore, mpsc},
+    task::JoinSet,
 };
-pub use otel::key_value;
-use tokio::sync::mpsc;
 
 use crate::{clock::Clock, span::HopSpan};
+
+/// Batches being sent at once: one slow round trip does not stall the encoding of the next.
+const MAX_IN_FLIGHT: usize = 4;
 
 /// What the pipeline has done, for the agent's periodic report and exit summary.
 #[derive(Debug, Default)]
@@ -46,32 +55,61 @@ impl ExportStats {
     }
 }
 
-/// The agent's handle: converts and enqueues spans without ever waiting.
+/// What the queue carries.
+enum Item {
+    /// One of hoptrace's spans, whose kernel times the clock turns into Unix time.
+    Hop(HopSpan, Clock),
+    /// Spans received over OTLP, passed on as they came under their sender's resource.
+    Forwarded(ResourceSpans),
+}
+
+impl Item {
+    fn spans(&self) -> u64 {
+        match self {
+            Self::Hop(..) => 1,
+            Self::Forwarded(resource_spans) => span_count(resource_spans),
+        }
+    }
+}
+
+fn span_count(resource_spans: &ResourceSpans) -> u64 {
+    resource_spans
+        .scope_spans
+        .iter()
+        .map(|scope| scope.spans.len() as u64)
+        .sum()
+}
+
+/// The agent's handle: enqueues spans without ever waiting.
 #[derive(Clone)]
 pub struct SpanSink {
-    sender: Option<mpsc::Sender<SpanData>>,
+    sender: Option<mpsc::Sender<Item>>,
     stats: Arc<ExportStats>,
 }
 
 impl SpanSink {
-    pub fn send(&self, span: &HopSpan, clock: &Clock) {
-        if self.sender.is_some() {
-            self.send_data(otel::to_span_data(span, clock));
-        }
+    /// Queues `span`, whose kernel times `clock` turns into Unix time.
+    pub fn send(&self, span: HopSpan, clock: &Clock) {
+        self.enqueue(Item::Hop(span, *clock));
     }
 
-    /// Enqueues a span that already is OpenTelemetry's (the correlator's received spans).
-    pub fn send_data(&self, span: SpanData) {
+    /// Queues spans received over OTLP, to be exported unchanged under their own resource.
+    pub fn forward(&self, resource_spans: ResourceSpans) {
+        self.enqueue(Item::Forwarded(resource_spans));
+    }
+
+    fn enqueue(&self, item: Item) {
         let Some(sender) = &self.sender else { return };
-        match sender.try_send(span) {
+        let spans = item.spans();
+        match sender.try_send(item) {
             Ok(()) => {
-                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+                self.stats.queued.fetch_add(spans, Ordering::Relaxed);
             }
             Err(_) => {
                 if self
                     .stats
                     .dropped_queue_full
-                    .fetch_add(1, Ordering::Relaxed)
+                    .fetch_add(spans, Ordering::Relaxed)
                     == 0
                 {
                     log::warn!(
@@ -90,30 +128,19 @@ impl SpanSink {
     }
 }
 
+/// Where encoded batches go.
 enum Exporter {
     Terminal(terminal::TerminalExporter),
-    /// Boxed: much larger than the terminal printer, and there is one exporter per agent.
-    Otlp(Box<opentelemetry_otlp::SpanExporter>),
-}
-
-impl Exporter {
-    async fn export(&self, batch: Vec<SpanData>) -> Result<(), String> {
-        match self {
-            Self::Terminal(t) => {
-                t.print(&batch);
-                Ok(())
-            }
-            Self::Otlp(e) => e.export(batch).await.map_err(|e| e.to_string()),
-        }
-    }
+    /// Boxed: much larger than the terminal printer, and there is one per agent.
+    Otlp(Box<client::OtlpClient>),
 }
 
 pub struct Pipeline {
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// Starts the export pipeline on the current tokio runtime; its spans carry `resource`
-/// (normally `config.resource()`, plus what the caller knows about itself).
+/// Starts the export pipeline on the current tokio runtime; hoptrace's own spans carry
+/// `resource` (normally `config.resource()`, plus what the caller knows about itself).
 pub fn start(config: &ExportConfig, resource: Resource) -> anyhow::Result<(SpanSink, Pipeline)> {
     let stats = Arc::new(ExportStats::default());
     let exporter = match &config.target {
@@ -129,21 +156,26 @@ pub fn start(config: &ExportConfig, resource: Resource) -> anyhow::Result<(SpanS
         }
         Target::Terminal => {
             log::info!("no OTLP endpoint configured: printing spans to the terminal");
-            Exporter::Terminal(terminal::TerminalExporter::new(resource))
+            Exporter::Terminal(terminal::TerminalExporter::default())
         }
         Target::Otlp { endpoint, protocol } => {
             log::info!(
                 "exporting spans over OTLP {} to {endpoint}",
                 protocol.as_str()
             );
-            let mut exporter = otel::otlp_exporter(endpoint, *protocol, config.export_timeout)?;
-            exporter.set_resource(&resource);
-            Exporter::Otlp(Box::new(exporter))
+            let client = client::OtlpClient::new(
+                endpoint,
+                *protocol,
+                config.headers.as_deref(),
+                config.export_timeout,
+            )?;
+            Exporter::Otlp(Box::new(client))
         }
     };
     let (sender, receiver) = mpsc::channel(config.max_queue_size);
     let task = tokio::spawn(batch_loop(
         receiver,
+        otlp::BatchEncoder::new(&resource),
         exporter,
         config.clone(),
         stats.clone(),
@@ -168,20 +200,25 @@ impl Pipeline {
 }
 
 async fn batch_loop(
-    mut receiver: mpsc::Receiver<SpanData>,
-    exporter: Exporter,
+    mut receiver: mpsc::Receiver<Item>,
+    mut batch: otlp::BatchEncoder,
+    mut exporter: Exporter,
     config: ExportConfig,
     stats: Arc<ExportStats>,
 ) {
-    let mut batch = Vec::with_capacity(config.max_export_batch_size);
     let mut tick = tokio::time::interval(config.schedule_delay);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failures_reported = 0u64;
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut sending = JoinSet::new();
+    let failures = Arc::new(AtomicU64::new(0));
     loop {
         let closed = tokio::select! {
-            span = receiver.recv() => match span {
-                Some(span) => {
-                    batch.push(span);
+            item = receiver.recv() => match item {
+                Some(item) => {
+                    match item {
+                        Item::Hop(span, clock) => batch.push(&span, &clock),
+                        Item::Forwarded(resource_spans) => batch.push_forwarded(&resource_spans),
+                    }
                     if batch.len() < config.max_export_batch_size {
                         continue;
                     }
@@ -191,34 +228,59 @@ async fn batch_loop(
             },
             _ = tick.tick() => false,
         };
-        if !batch.is_empty() {
-            let spans =
-                std::mem::replace(&mut batch, Vec::with_capacity(config.max_export_batch_size));
-            let count = spans.len() as u64;
-            match tokio::time::timeout(config.export_timeout, exporter.export(spans)).await {
-                Ok(Ok(())) => {
+        // Reap finished sends so the set stays small.
+        while sending.try_join_next().is_some() {}
+        let count = batch.len() as u64;
+        if count > 0 {
+            let request = batch.take_request();
+            match &mut exporter {
+                Exporter::Terminal(printer) => {
+                    printer.print(&request);
                     stats.exported.fetch_add(count, Ordering::Relaxed);
-                    if failures_reported > 0 {
-                        log::info!("exporter recovered");
-                        failures_reported = 0;
-                    }
                 }
-                outcome => {
-                    let failed = stats.failed.fetch_add(count, Ordering::Relaxed) + count;
-                    // Log the first failure and then every 100th, not every batch.
-                    if failures_reported.is_multiple_of(100) {
-                        let why = match outcome {
-                            Ok(Err(e)) => e,
-                            _ => format!("timed out after {:?}", config.export_timeout),
-                        };
-                        log::warn!("export failed ({failed} spans lost so far): {why}");
-                    }
-                    failures_reported += 1;
+                Exporter::Otlp(client) => {
+                    // Waits when MAX_IN_FLIGHT batches are out: the queue then fills and drops
+                    // (counted) instead of memory growing without bound.
+                    let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let (mut client, stats, failures) =
+                        (client.clone(), stats.clone(), failures.clone());
+                    sending.spawn(async move {
+                        let outcome = client.export(request).await;
+                        drop(permit);
+                        record_outcome(outcome, count, &stats, &failures);
+                    });
                 }
             }
         }
         if closed {
+            // Shutdown: the sends in flight finish (the caller bounds the wait).
+            while sending.join_next().await.is_some() {}
             return;
+        }
+    }
+}
+
+/// Counts a batch's outcome; logs the first failure, every 100th after it, and recovery.
+fn record_outcome(
+    outcome: Result<(), String>,
+    count: u64,
+    stats: &ExportStats,
+    failures: &AtomicU64,
+) {
+    match outcome {
+        Ok(()) => {
+            stats.exported.fetch_add(count, Ordering::Relaxed);
+            if failures.swap(0, Ordering::Relaxed) > 0 {
+                log::info!("exporter recovered");
+            }
+        }
+        Err(why) => {
+            let failed = stats.failed.fetch_add(count, Ordering::Relaxed) + count;
+            if failures.fetch_add(1, Ordering::Relaxed).is_multiple_of(100) {
+                log::warn!("export failed ({failed} spans lost so far): {why}");
+            }
         }
     }
 }
