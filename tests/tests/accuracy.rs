@@ -162,8 +162,21 @@ fn measure(middlebox: &str, lab: &Lab, url: &str, table: &mut Vec<String>) -> bo
                 traces.push((c, trace));
             }
         }
-        // Let tcpdump write the last packets before it is stopped.
-        std::thread::sleep(Duration::from_millis(500));
+        // tcpdump lags on a loaded machine: stopped now, it would lose the packets it has not
+        // written yet. Requests ran one at a time, so once the last one's response is in both
+        // captures, every earlier packet is too.
+        let (_, last) = traces.last().expect("requests were sent");
+        let written = (0..200).any(|_| {
+            let done = truth(&read_pcap(&agent_pcap), &read_pcap(&persona_pcap), last).is_some();
+            if !done {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            done
+        });
+        assert!(
+            written,
+            "tcpdump did not write the last request within 20 s"
+        );
     }
     let spans = receiver.wait_for_spans(
         |spans| spans.iter().filter(|s| s.name == "firewall").count() >= traces.len(),
