@@ -13,13 +13,16 @@ BPF_LINKER_ROOT="$TOOLS_DIR/bpf-linker-$BPF_LINKER_VERSION-rust-$RUST_TOOLCHAIN"
 
 # Debian packages: the lab's servers, clients and plumbing, and what the tests drive.
 DEBIAN_PACKAGES=(iproute2 iptables nginx-light wrk curl python3 tcpdump
-  libnetfilter-queue1 procps psmisc openssl haproxy)
+  libnetfilter-queue1 procps psmisc openssl haproxy
+  caddy golang-1.19-go    # Go crypto/tls: Debian's stripped caddy, and the lab's own Go programs
+  nodejs) # node: static OpenSSL with exported SSL_* (the TLS plaintext tests)
 # PyPI packages: the OTLP receiver the end-to-end tests export to, and the OpenTelemetry SDK
 # clients that test that receiver (googleapis-common-protos pinned so protobuf stays 4.25.5).
 PYTHON_PACKAGES=(opentelemetry-proto==1.27.0 grpcio==1.66.2 protobuf==4.25.5
   opentelemetry-sdk==1.27.0 opentelemetry-exporter-otlp-proto-grpc==1.27.0
   opentelemetry-exporter-otlp-proto-http==1.27.0 googleapis-common-protos==1.65.0
-  kubernetes-validate==1.37.0)   # Kubernetes schemas shipped in the package: deploy/ tests
+  kubernetes-validate==1.37.0   # Kubernetes schemas shipped in the package: deploy/ tests
+  prometheus-client==0.26.0)    # its text-format parsers read the agent's /metrics in tests
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -40,14 +43,14 @@ install_debian_packages() {
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The lab starts its own servers inside namespaces; the host's default instances stay off.
-  systemctl disable --now nginx haproxy >/dev/null 2>&1 || true
+  systemctl disable --now nginx haproxy caddy >/dev/null 2>&1 || true
   pkill -x nginx 2>/dev/null || true
 }
 
 install_python_packages() {
   if python3 -c 'import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc
 import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.proto.http
-import kubernetes_validate, yaml' 2>/dev/null; then
+import kubernetes_validate, yaml, prometheus_client.parser, prometheus_client.openmetrics.parser' 2>/dev/null; then
     return
   fi
   log "installing Python packages: ${PYTHON_PACKAGES[*]}"

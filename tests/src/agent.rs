@@ -43,6 +43,28 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Starts the agent watching the lab's agent and persona namespaces (not fw: the middlebox
+    /// stays uninstrumented), exporting over OTLP/gRPC to `receiver`.
+    pub fn watching_lab(
+        lab: &xtask::lab::Lab,
+        receiver: &crate::receiver::OtlpReceiver,
+    ) -> Result<Self> {
+        use xtask::lab::Host;
+        let endpoint = receiver.grpc_endpoint();
+        Self::start(
+            &[
+                "--netns",
+                lab.netns(Host::Agent).name(),
+                "--netns",
+                lab.netns(Host::Persona).name(),
+            ],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ],
+        )
+    }
+
     /// Starts `hoptrace agent ARGS` with extra environment and waits for it to be attached.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         Self::start_command("agent", READY, args, env)
@@ -130,6 +152,27 @@ impl Agent {
 
     pub fn stdout(&self) -> String {
         self.stdout.lock().unwrap().clone()
+    }
+
+    /// http://ADDR/metrics as the agent logged it when serving metrics (`--metrics-addr`, port 0
+    /// included).
+    pub fn metrics_url(&self) -> Option<String> {
+        self.stderr()
+            .lines()
+            .find_map(|l| l.split("serving Prometheus metrics at ").nth(1))
+            .map(|url| url.trim().to_string())
+    }
+
+    /// The agent's process id (until it is stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, as the OOM killer or a node failure would: no cleanup runs in the agent.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("agent already stopped")?;
+        child.kill()?;
+        Ok(child.wait()?)
     }
 
     /// SIGTERM, then waits (bounded) for a clean exit; returns its status.

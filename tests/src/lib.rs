@@ -1,4 +1,5 @@
 pub mod agent;
+pub mod bpf_objects;
 pub mod firewall;
 pub mod receiver;
 

@@ -40,7 +40,10 @@ fn check_reports_every_hook_kind_and_passes_here() {
     assert_eq!(result("tracepoint ").as_deref(), Some("works"));
     assert!(
         text.contains("probe plan of `hoptrace agent`")
-            && text.contains("[ready] sock:inet_sock_set_state"),
+            && text.contains("[ready] sock:inet_sock_set_state")
+            && text
+                .lines()
+                .any(|l| l.contains("TLS plaintext (OpenSSL uprobes)") && l.contains("[ready]")),
         "{text}"
     );
     assert!(text.contains("result: every required hook works"), "{text}");

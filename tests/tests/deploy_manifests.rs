@@ -6,7 +6,7 @@
 //! oldest and the newest Kubernetes the deployment supports. Broken copies fail, so a validator
 //! that accepts everything cannot pass. Then the pieces must agree where no schema looks:
 //! selectors and labels, Service and container ports, references by name, the agent's
-//! capability set and its flag wrapper, the collector's pipelines, and what each overlay says
+//! capability set and its config file (read by the real agent), the collector's pipelines, and what each overlay says
 //! it changes.
 //!
 //! Tools (scripts/setup.sh installs them): python3 with kubernetes-validate and PyYAML. When
@@ -23,6 +23,7 @@ use std::{
     sync::OnceLock,
 };
 
+use hoptrace_tests::agent::hoptrace_bin;
 use serde_json::{Value, json};
 
 /// The oldest and the newest Kubernetes minor version whose schemas every object must pass.
@@ -383,6 +384,55 @@ fn config_map_data<'a>(objects: &'a [Value], name: &str) -> &'a serde_json::Map<
     find(objects, "ConfigMap", name)["data"]
         .as_object()
         .unwrap_or_else(|| panic!("ConfigMap {name} has no data"))
+}
+
+/// The agent's config file as the ConfigMap carries it.
+fn agent_config_file(objects: &[Value]) -> &str {
+    str_of(
+        &config_map_data(objects, "hoptrace-agent")["hoptrace.toml"],
+        "hoptrace.toml",
+    )
+}
+
+/// What the real agent makes of `file` (`hoptrace agent --config F --print-config`), without
+/// this process's OTEL_* and HOPTRACE_* variables: its parser, its unknown-key check, its values.
+fn effective_agent_config(file: &str) -> String {
+    // Tests run in parallel: one scratch directory per call.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = scratch(&format!("agent-config-{call}")).join("hoptrace.toml");
+    fs::write(&path, file).expect("config file");
+    let mut command = Command::new(hoptrace_bin().expect("hoptrace binary"));
+    command
+        .args(["agent", "--print-config", "--config"])
+        .arg(&path);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("OTEL_") || key.starts_with("HOPTRACE_") {
+            command.env_remove(key);
+        }
+    }
+    let out = run(&mut command, "hoptrace agent --print-config");
+    assert!(
+        out.status.success(),
+        "the agent refuses the ConfigMap's file: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// The value of `key` in a section of --print-config's output (`key = value  # source`).
+fn setting<'a>(effective: &'a str, section: &str, key: &str) -> &'a str {
+    let mut current = "";
+    for line in effective.lines() {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            current = name;
+        } else if current == section
+            && let Some(rest) = line.strip_prefix(key).and_then(|r| r.strip_prefix(" = "))
+        {
+            return rest.split("  #").next().unwrap_or("").trim_matches('"');
+        }
+    }
+    panic!("no {section}.{key} in:\n{effective}")
 }
 
 /// Bytes in a memory quantity such as 64Mi or 1G.
@@ -865,9 +915,11 @@ fn the_agent_runs_least_privileged_with_the_host_views_it_needs() {
         "check must probe with exactly the agent's privileges"
     );
 
-    // Host paths, mounted where the agent looks for them, read-only.
+    // Host paths, mounted where the agent looks for them, read-only (besides the config file's
+    // ConfigMap volume, checked with the configuration).
     let volumes: BTreeMap<_, _> = array_of(&spec["volumes"], "volumes")
         .iter()
+        .filter(|v| v["configMap"].is_null())
         .map(|v| {
             (
                 str_of(&v["name"], "volume name"),
@@ -885,6 +937,9 @@ fn the_agent_runs_least_privileged_with_the_host_views_it_needs() {
     for c in [check, agent] {
         for mount in array_of(&c["volumeMounts"], "volumeMounts") {
             let name = str_of(&mount["name"], "mount name");
+            if name == "config" {
+                continue;
+            }
             assert_eq!(
                 mount["mountPath"], volumes[name],
                 "{name} mounted where the host has it"
@@ -895,6 +950,7 @@ fn the_agent_runs_least_privileged_with_the_host_views_it_needs() {
     let agent_mounts: BTreeSet<_> = array_of(&agent["volumeMounts"], "mounts")
         .iter()
         .map(|m| str_of(&m["name"], "name"))
+        .filter(|name| *name != "config")
         .collect();
     assert_eq!(agent_mounts, volumes.keys().copied().collect());
     let netns_mount = array_of(&agent["volumeMounts"], "mounts")
@@ -920,11 +976,11 @@ fn the_agent_runs_least_privileged_with_the_host_views_it_needs() {
     }
 
     // Shutdown: the grace period outlasts the flush, and the flush outlasts one export.
-    let config = config_map_data(objects, "hoptrace-agent");
-    let shutdown: f64 = str_of(&config["HOPTRACE_SHUTDOWN_TIMEOUT"], "shutdown")
+    let effective = effective_agent_config(agent_config_file(objects));
+    let shutdown: f64 = setting(&effective, "", "shutdown_timeout")
         .parse()
         .expect("seconds");
-    let export_ms: f64 = str_of(&config["OTEL_BSP_EXPORT_TIMEOUT"], "export timeout")
+    let export_ms: f64 = setting(&effective, "export", "export_timeout_ms")
         .parse()
         .expect("ms");
     let grace = spec["terminationGracePeriodSeconds"]
@@ -936,48 +992,72 @@ fn the_agent_runs_least_privileged_with_the_host_views_it_needs() {
     );
     assert!(
         export_ms / 1000.0 < shutdown,
-        "OTEL_BSP_EXPORT_TIMEOUT {export_ms} ms vs shutdown {shutdown} s"
+        "export_timeout_ms {export_ms} vs shutdown_timeout {shutdown} s"
     );
 }
 
 #[test]
-fn the_agent_environment_is_complete_and_well_formed() {
+fn the_agent_reads_the_config_files_it_is_given_and_the_environment_is_well_formed() {
     let objects = base();
     let ds = find(objects, "DaemonSet", "hoptrace-agent");
     let agent = container(ds, "containers", "agent");
-    let config_name = str_of(&agent["envFrom"][0]["configMapRef"]["name"], "envFrom");
-    let config = config_map_data(objects, config_name);
 
-    let protocol = str_of(&config["OTEL_EXPORTER_OTLP_PROTOCOL"], "protocol");
-    assert!(
-        ["grpc", "http/protobuf", "http/json"].contains(&protocol),
-        "protocol {protocol}"
+    // The ConfigMap is one file, mounted where the agent's --config looks.
+    let data = config_map_data(objects, "hoptrace-agent");
+    assert_eq!(data.keys().collect::<Vec<_>>(), ["hoptrace.toml"]);
+    let args: Vec<&str> = array_of(&agent["args"], "args")
+        .iter()
+        .map(|a| str_of(a, "arg"))
+        .collect();
+    assert_eq!(args[..2], ["agent", "--config"]);
+    let config_path = Path::new(args[2]);
+    let volume = array_of(&pod_spec(ds)["volumes"], "volumes")
+        .iter()
+        .find(|v| v["configMap"]["name"] == "hoptrace-agent")
+        .expect("a volume of the agent ConfigMap");
+    let mount = array_of(&agent["volumeMounts"], "mounts")
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .expect("the config volume is mounted");
+    assert_eq!(
+        config_path.parent().unwrap(),
+        Path::new(str_of(&mount["mountPath"], "mountPath"))
     );
-    assert!(["true", "false"].contains(&str_of(&config["OTEL_SDK_DISABLED"], "sdk disabled")));
-    for (key, value) in config {
-        let value = str_of(value, key);
-        if key.starts_with("OTEL_BSP_") || key == "HOPTRACE_SHUTDOWN_TIMEOUT" {
-            assert!(
-                value.parse::<f64>().is_ok(),
-                "{key}={value} is not a number"
-            );
-        }
-        assert!(
-            key.starts_with("OTEL_") || key.starts_with("HOPTRACE_") || key == "RUST_LOG",
-            "unexpected key {key}"
-        );
-    }
-    for scope in ["HOPTRACE_NETNS", "HOPTRACE_PIDS", "HOPTRACE_PORTS"] {
-        assert!(
-            config.contains_key(scope),
-            "{scope} missing from the ConfigMap"
-        );
-    }
+    assert_eq!(config_path.file_name().unwrap(), "hoptrace.toml");
 
-    // Resource attributes from the downward API; $(NAME) must name something defined before it
-    // (Kubernetes leaves unknown references as they are).
+    // The real agent accepts the file (no unknown key, no bad value) and reads what it says.
+    let effective = effective_agent_config(agent_config_file(objects));
+    assert_eq!(setting(&effective, "export", "protocol"), "grpc");
+    assert_eq!(setting(&effective, "export", "disabled"), "false");
+    assert!(effective.contains("# resolved: OTLP grpc to http://hoptrace-collector:4317"));
+    assert_eq!(setting(&effective, "scope", "netns"), "[]");
+    // Metrics on the container port the DaemonSet declares.
+    let metrics_port = port_of(&format!(
+        "http://{}",
+        setting(&effective, "", "metrics_addr")
+    ));
+    assert!(
+        array_of(&agent["ports"], "ports")
+            .iter()
+            .any(|p| p["containerPort"].as_u64() == Some(metrics_port)),
+        "metrics port {metrics_port} not declared"
+    );
+    // A broken copy is refused: the check above can fail.
+    let broken = agent_config_file(objects).replace("[scope]", "[scopes]");
+    let path = scratch("broken-agent-config").join("hoptrace.toml");
+    fs::write(&path, broken).unwrap();
+    let out = run(
+        Command::new(hoptrace_bin().unwrap())
+            .args(["agent", "--print-config", "--config"])
+            .arg(&path),
+        "hoptrace agent --print-config (broken file)",
+    );
+    assert!(!out.status.success() && text(&out.stderr).contains("unknown field `scopes`"));
+
+    // $(NAME) must name something defined before it (Kubernetes leaves unknown references as
+    // they are).
     let env = array_of(&agent["env"], "env");
-    let mut defined: BTreeSet<String> = config.keys().cloned().collect();
+    let mut defined = BTreeSet::new();
     for var in env {
         let name = str_of(&var["name"], "env name");
         if let Some(value) = var["value"].as_str() {
@@ -991,97 +1071,13 @@ fn the_agent_environment_is_complete_and_well_formed() {
         }
         defined.insert(name.to_string());
     }
+    // The node name (k8s.node.name on every span) from the downward API.
     let node = env
         .iter()
-        .find(|e| e["name"] == "K8S_NODE_NAME")
-        .expect("K8S_NODE_NAME");
+        .find(|e| e["name"] == "HOPTRACE_NODE_NAME")
+        .expect("HOPTRACE_NODE_NAME");
     assert_eq!(node["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
-    let attributes =
-        env_value(agent, "OTEL_RESOURCE_ATTRIBUTES").expect("OTEL_RESOURCE_ATTRIBUTES");
-    assert!(
-        attributes.contains("k8s.node.name=$(K8S_NODE_NAME)"),
-        "{attributes}"
-    );
 }
-
-/// The shell wrapper that turns the ConfigMap's scope lists into flags, run for real against a
-/// stand-in `hoptrace` that prints its arguments.
-#[test]
-fn the_agent_wrapper_turns_scope_lists_into_repeated_flags() {
-    let ds = find(base(), "DaemonSet", "hoptrace-agent");
-    let command = array_of(&container(ds, "containers", "agent")["command"], "command");
-    let command: Vec<&str> = command.iter().map(|c| str_of(c, "command")).collect();
-    assert_eq!(command[..2], ["/bin/sh", "-c"]);
-    let dir = scratch("wrapper");
-    let stand_in = dir.join("hoptrace");
-    fs::write(
-        &stand_in,
-        "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done\n",
-    )
-    .expect("stand-in");
-    let chmod = run(Command::new("chmod").arg("+x").arg(&stand_in), "chmod");
-    assert!(chmod.status.success());
-    let path = format!(
-        "{}:{}",
-        dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let args = |env: &[(&str, &str)]| -> Vec<String> {
-        let mut sh = Command::new(command[0]);
-        sh.args(&command[1..])
-            .env_clear()
-            .env("PATH", &path)
-            .current_dir(&dir);
-        for (k, v) in env {
-            sh.env(k, v);
-        }
-        let out = run(&mut sh, "the agent wrapper");
-        assert!(
-            out.status.success(),
-            "wrapper failed: {}",
-            text(&out.stderr)
-        );
-        text(&out.stdout).lines().map(String::from).collect()
-    };
-    // The ConfigMap's defaults: the whole host.
-    let config = config_map_data(base(), "hoptrace-agent");
-    let defaults: Vec<(&str, &str)> = config
-        .iter()
-        .map(|(k, v)| (k.as_str(), str_of(v, k)))
-        .collect();
-    assert_eq!(args(&defaults), ["agent", "--shutdown-timeout", "10"]);
-    // Lists, with spaces after commas and a glob character that must stay literal.
-    assert_eq!(
-        args(&[
-            ("HOPTRACE_SHUTDOWN_TIMEOUT", "7.5"),
-            ("HOPTRACE_NETNS", "lab-fw, /proc/1/ns/net,hop*"),
-            ("HOPTRACE_PIDS", "42"),
-            ("HOPTRACE_PORTS", "80,443"),
-        ]),
-        [
-            "agent",
-            "--shutdown-timeout",
-            "7.5",
-            "--netns",
-            "lab-fw",
-            "--netns",
-            "/proc/1/ns/net",
-            "--netns",
-            "hop*",
-            "--pid",
-            "42",
-            "--port",
-            "80",
-            "--port",
-            "443",
-        ]
-    );
-    // Keys missing altogether (an older ConfigMap) behave like empty ones.
-    assert_eq!(args(&[]), ["agent", "--shutdown-timeout", "10"]);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Correlator and collector
 
 #[test]
 fn the_correlators_are_reached_per_pod_and_ready_on_grpc() {
@@ -1203,16 +1199,10 @@ fn the_collector_routes_agent_spans_by_trace_id_and_correlated_spans_to_tempo() 
     };
 
     // Agents -> collector: the agents' endpoint is this Service and a gRPC receiver port.
-    let agent_config = config_map_data(objects, "hoptrace-agent");
-    let (host, agent_port) = host_port(str_of(
-        &agent_config["OTEL_EXPORTER_OTLP_ENDPOINT"],
-        "agent endpoint",
-    ));
+    let agent_config = effective_agent_config(agent_config_file(objects));
+    let (host, agent_port) = host_port(setting(&agent_config, "export", "endpoint"));
     assert_eq!(host, "hoptrace-collector");
-    assert_eq!(
-        str_of(&agent_config["OTEL_EXPORTER_OTLP_PROTOCOL"], "protocol"),
-        "grpc"
-    );
+    assert_eq!(setting(&agent_config, "export", "protocol"), "grpc");
     let (agents_name, agents) = pipeline_with(service[&agent_port]);
     for receiver in array_of(&agents["receivers"], "receivers") {
         let receiver = str_of(receiver, "receiver");
@@ -1448,7 +1438,7 @@ fn the_privileged_overlay_makes_both_agent_containers_privileged_and_nothing_els
 fn tracing_off_schedules_no_agent_and_tracing_on_undoes_it() {
     let off = only_daemonset_differs(&overlay("tracing-off"), &[]);
     let on_objects = overlay("tracing-on");
-    let on = only_daemonset_differs(&on_objects, &["ConfigMap/hoptrace/hoptrace-agent"]);
+    let on = only_daemonset_differs(&on_objects, &[]);
     let base_ds = find(base(), "DaemonSet", "hoptrace-agent");
     let base_selector = pod_spec(base_ds)["nodeSelector"]
         .as_object()
@@ -1483,10 +1473,8 @@ fn tracing_off_schedules_no_agent_and_tracing_on_undoes_it() {
 
     // On: the base's scheduling, and exporting.
     assert_eq!(&on, base_ds);
-    assert_eq!(
-        config_map_data(&on_objects, "hoptrace-agent")["OTEL_SDK_DISABLED"],
-        "false"
-    );
+    let effective = effective_agent_config(agent_config_file(&on_objects));
+    assert_eq!(setting(&effective, "export", "disabled"), "false");
 }
 
 #[test]
@@ -1527,4 +1515,47 @@ fn the_netns_tc_component_adds_cap_sys_admin_to_both_agent_containers_only() {
         find(objects, "RoleBinding", "hoptrace-collector")["subjects"][0]["namespace"],
         "lab-tracing"
     );
+}
+
+/// deploy/grafana: the dashboard is JSON Grafana can load (unique uid and panel ids, a grid
+/// position each) and every panel and variable uses a data source the provisioning file
+/// defines. (tests/tests/metrics.rs checks its metric names against a real agent's scrape.)
+#[test]
+fn the_grafana_example_is_valid_and_uses_the_provisioned_data_sources() {
+    let grafana = repo().join("deploy/grafana");
+    let sources = yaml_file(&grafana.join("provisioning/datasources/hoptrace.yaml"));
+    let uids: BTreeSet<&str> = array_of(&sources[0]["datasources"], "datasources")
+        .iter()
+        .map(|d| str_of(&d["uid"], "uid"))
+        .collect();
+    assert_eq!(uids, BTreeSet::from(["prometheus", "tempo"]));
+    let providers = yaml_file(&grafana.join("provisioning/dashboards/hoptrace.yaml"));
+    assert_eq!(providers[0]["providers"][0]["type"], "file");
+    let text = fs::read_to_string(grafana.join("dashboards/hoptrace.json")).expect("dashboard");
+    let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    assert!(!str_of(&dashboard["uid"], "uid").is_empty());
+    let panels = array_of(&dashboard["panels"], "panels");
+    let mut ids = BTreeSet::new();
+    for panel in panels {
+        assert!(
+            ids.insert(panel["id"].as_u64().expect("panel id")),
+            "duplicate panel id"
+        );
+        for key in ["x", "y", "w", "h"] {
+            assert!(
+                panel["gridPos"][key].is_u64(),
+                "{} gridPos.{key}",
+                panel["title"]
+            );
+        }
+        let uid = str_of(&panel["datasource"]["uid"], "panel data source");
+        assert!(uids.contains(uid), "{}: data source {uid}", panel["title"]);
+        assert!(!array_of(&panel["targets"], "targets").is_empty());
+    }
+    for variable in array_of(&dashboard["templating"]["list"], "variables") {
+        assert!(uids.contains(str_of(
+            &variable["datasource"]["uid"],
+            "variable data source"
+        )));
+    }
 }

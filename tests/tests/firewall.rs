@@ -8,23 +8,10 @@ use hoptrace_tests::{
     firewall::{REQUESTS, check_split, curl_requests, lab, set_delays, spans_of, start_haproxy},
     receiver::OtlpReceiver,
 };
-use xtask::lab::{Host, Lab};
+use xtask::lab::Lab;
 
 fn start(lab: &Lab, receiver: &OtlpReceiver) -> Agent {
-    let endpoint = receiver.grpc_endpoint();
-    Agent::start(
-        &[
-            "--netns",
-            lab.netns(Host::Agent).name(),
-            "--netns",
-            lab.netns(Host::Persona).name(),
-        ],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-        ],
-    )
-    .expect("agent")
+    Agent::watching_lab(lab, receiver).expect("agent")
 }
 
 #[test]

@@ -7,6 +7,8 @@
 pub mod kind {
     pub const CONN: u8 = 1;
     pub const DATA: u8 = 2;
+    /// [`crate::plaintext::PlaintextEvent`]: plaintext of a TLS socket, from a library uprobe.
+    pub const PLAINTEXT: u8 = 3;
 }
 
 /// TCP states as in include/net/tcp_states.h (kernel ABI).

@@ -12,4 +12,6 @@ pub mod data;
 pub mod http;
 pub mod maps;
 pub mod nic;
+pub mod plaintext;
+pub mod tls;
 pub mod trace_context;

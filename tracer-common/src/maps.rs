@@ -99,9 +99,14 @@ pub enum Counter {
     UserReadFailed = 3,
     /// Data records submitted.
     DataSubmitted = 4,
+    /// TLS plaintext records submitted.
+    PlaintextSubmitted = 5,
+    /// A TLS library call moved bytes, but no socket in scope was known for its session (its
+    /// ciphertext never passed a syscall the agent saw, or the socket is out of scope).
+    PlaintextUnjoined = 6,
 }
 /// Number of entries in [`COUNTERS`].
-pub const COUNTER_COUNT: u32 = 5;
+pub const COUNTER_COUNT: u32 = 7;
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for KernelOffsets {}
@@ -121,3 +126,22 @@ pub const DATA_SCRATCH: &str = "DATA_SCRATCH";
 pub const SOCKS: &str = "SOCKS";
 /// LRU hash: [`crate::conn::ListenerKey`] -> [`crate::conn::ListenerInfo`].
 pub const LISTENERS: &str = "LISTENERS";
+
+/// LRU hash: pid_tgid (u64) -> [`crate::plaintext::TlsCall`] between a TLS library call's entry
+/// and return.
+pub const TLS_CALLS: &str = "TLS_CALLS";
+/// LRU hash: [`crate::plaintext::TlsSessionKey`] -> [`crate::plaintext::TlsSession`].
+pub const TLS_SESSIONS: &str = "TLS_SESSIONS";
+/// Per-CPU scratch for building a [`crate::plaintext::PlaintextEvent`].
+pub const PLAINTEXT_SCRATCH: &str = "PLAINTEXT_SCRATCH";
+/// LRU hash: [`crate::plaintext::GoroutineKey`] -> [`crate::plaintext::TlsCall`]: Go crypto/tls
+/// calls in progress, by goroutine.
+pub const GO_TLS_CALLS: &str = "GO_TLS_CALLS";
+/// LRU hash: tgid (u32) -> u8: processes with Go crypto/tls calls.
+pub const GO_TLS_PROCESSES: &str = "GO_TLS_PROCESSES";
+/// LRU hash: pid_tgid (u64) -> [`crate::plaintext::Ciphertext`]: the thread's last ciphertext
+/// receive outside any TLS library call (joins memory-BIO reads).
+pub const TLS_LAST_RECV: &str = "TLS_LAST_RECV";
+/// LRU hash: pid_tgid (u64) -> [`crate::plaintext::PlaintextEvent`]: a write waiting for the
+/// thread's next send (memory-BIO writes).
+pub const TLS_PENDING_SENDS: &str = "TLS_PENDING_SENDS";

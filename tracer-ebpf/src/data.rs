@@ -121,7 +121,7 @@ fn enter(ctx: &TracePointContext, direction: u8, kind: u8) {
 /// The calling task's network namespace, when a netns filter is set (entry-time pruning: most
 /// reads and writes on a host are not ours and should cost one map lookup at most).
 #[inline(always)]
-fn current_netns_in_scope() -> bool {
+pub(crate) fn current_netns_in_scope() -> bool {
     if !scope::netns_filter_enabled() {
         return true;
     }
@@ -270,25 +270,10 @@ fn emit(context: &SyscallContext, pid_tgid: u64, moved: u64) -> Result<(), ()> {
     event.comm = bpf_get_current_comm().unwrap_or_default();
 
     let (source, available) = first_buffer(context);
-    let mut want = available.min(moved);
-    if want > MAX_CAPTURE as u64 {
-        want = MAX_CAPTURE as u64;
-    }
-    let mut captured = 0u64;
-    if source != 0 && want > 0 {
-        let dst = event.data.as_mut_ptr();
-        // SAFETY: want <= MAX_CAPTURE == data's length.
-        let ok = unsafe { read_user_raw(dst.cast(), want as u32, source as *const _) } == 0;
-        if ok {
-            captured = want;
-        } else {
-            count(Counter::UserReadFailed);
-        }
-    }
-    if captured > MAX_CAPTURE as u64 {
-        captured = MAX_CAPTURE as u64;
-    }
+    let captured = copy_prefix(&mut event.data, source, available.min(moved));
     event.captured = captured as u16;
+    // A TLS library call running on this thread learns its socket and kernel timestamps.
+    crate::tls_plaintext::on_ciphertext(pid_tgid, event);
     let bytes = unsafe {
         core::slice::from_raw_parts(
             (event as *const DataEvent).cast::<u8>(),
@@ -300,6 +285,30 @@ fn emit(context: &SyscallContext, pid_tgid: u64, moved: u64) -> Result<(), ()> {
         Err(_) => count(Counter::RingbufFull),
     }
     Ok(())
+}
+
+/// Copies the first `len` bytes (at most [`MAX_CAPTURE`]) at user address `source` into `dst`;
+/// returns how many it copied (0 when the read failed, counted).
+#[inline(always)]
+pub(crate) fn copy_prefix(dst: &mut [u8; MAX_CAPTURE], source: u64, len: u64) -> u64 {
+    let mut want = len;
+    if want > MAX_CAPTURE as u64 {
+        want = MAX_CAPTURE as u64;
+    }
+    if source == 0 || want == 0 {
+        return 0;
+    }
+    // SAFETY: want <= MAX_CAPTURE == dst's length.
+    if unsafe { read_user_raw(dst.as_mut_ptr().cast(), want as u32, source as *const _) } != 0 {
+        count(Counter::UserReadFailed);
+        return 0;
+    }
+    // Clamped again after the helper call, as before this was shared: the record's length is
+    // computed from the result and the verifier must see it bounded there too.
+    if want > MAX_CAPTURE as u64 {
+        want = MAX_CAPTURE as u64;
+    }
+    want
 }
 
 /// Where the first bytes of the syscall's data are, and how many the first buffer holds.
@@ -338,7 +347,7 @@ fn ports(sk: u64, off: &KernelOffsets) -> (u16, u16) {
 }
 
 #[inline(always)]
-fn fill_addresses(event: &mut DataEvent, sk: u64, off: &KernelOffsets) {
+pub(crate) fn fill_addresses(event: &mut DataEvent, sk: u64, off: &KernelOffsets) {
     let (local, remote) = ports(sk, off);
     event.sport = local;
     event.dport = remote;

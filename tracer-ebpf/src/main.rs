@@ -8,6 +8,9 @@ mod data;
 mod maps;
 mod nic;
 mod scope;
+mod tls_go;
+mod tls_openssl;
+mod tls_plaintext;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -13,22 +13,26 @@ use tracer_common::maps::{self, Counter};
 
 use crate::{
     clock::{self, Clock},
+    containers::ContainerMetadata,
     correlate::{self, Correlator},
     decode::{self, Event},
     ebpf,
-    export::{self, ExportConfig, ExportFlags, SpanSink},
+    export::{self, ExportConfig, SpanSink},
+    go_tls::GoTls,
+    metrics::{HopRecorder, Metrics, Observed},
     nic::KernelNicTimes,
     requests::{self, Assembler},
     sampling::{Sampler, Untraced},
     scope::Scope,
     span::HopSpan,
+    tls_uprobes::{self, OpenSslProbes},
 };
 
 pub struct AgentOptions {
     pub scope_netns: Vec<String>,
     pub scope_pids: Vec<u32>,
     pub scope_ports: Vec<u16>,
-    pub export: ExportFlags,
+    pub export: ExportConfig,
     pub untraced: Untraced,
     pub layer_spans: bool,
     pub ring_buffer_bytes: u32,
@@ -36,6 +40,8 @@ pub struct AgentOptions {
     pub shutdown_timeout: Duration,
     /// How often the kernel counters are checked.
     pub report_interval: Duration,
+    /// Serve Prometheus metrics here.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Default)]
@@ -52,17 +58,26 @@ struct Pipeline<'a> {
     sink: &'a SpanSink,
     spans: Vec<HopSpan>,
     joined: Vec<HopSpan>,
+    /// container.id and k8s.pod.uid of the spans' processes.
+    containers: ContainerMetadata,
+    /// Latency histograms, when metrics are served.
+    hops: Option<HopRecorder>,
 }
 
 impl Pipeline<'_> {
     fn emit(&mut self, clock: &Clock) {
-        for span in self.spans.drain(..) {
+        for mut span in self.spans.drain(..) {
+            self.containers.annotate(&mut span);
+            let before = self.joined.len();
             self.correlator.observe(
                 &span,
                 &correlate::ClockInfo::this_host(),
                 span.end_ns,
                 &mut self.joined,
             );
+            if let Some(hops) = &mut self.hops {
+                hops.record(&span, &self.joined[before..]);
+            }
             self.sink.send(span, clock);
         }
         for span in self.joined.drain(..) {
@@ -78,7 +93,6 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         &options.scope_pids,
         &options.scope_ports,
     )?;
-    let export_config = ExportConfig::from_env(&options.export).map_err(anyhow::Error::msg)?;
     let sampler = Sampler::from_env(
         std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref(),
         std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().as_deref(),
@@ -98,14 +112,15 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let clock_state = clock::ClockState::read();
     let resource = opentelemetry_sdk::Resource::builder_empty()
         .with_attributes(
-            export_config
+            options
+                .export
                 .resource()
                 .iter()
                 .map(|(k, v)| opentelemetry::KeyValue::new(k.clone(), v.clone()))
                 .chain(clock_state.attributes()),
         )
         .build();
-    let (sink, exporter) = export::start(&export_config, resource)?;
+    let (sink, exporter) = export::start(&options.export, resource)?;
     let mut assembler = Assembler::new(requests::Config {
         sampler,
         untraced: options.untraced,
@@ -116,13 +131,45 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     if attached.nic {
         assembler = assembler.with_nic(Box::new(KernelNicTimes::take(&mut object)?));
     }
+    // Go TLS plaintext joins its socket through the syscall layer: without it, nothing to do.
+    let mut go_tls = attached.requests.then(|| GoTls::new(&scope));
+    if let Some(go_tls) = &mut go_tls {
+        go_tls.rescan(&mut object);
+    }
+    let mut metrics = match options.metrics_addr {
+        Some(addr) => {
+            let metrics = Metrics::new(&[
+                ("connections", true),
+                ("requests", attached.requests),
+                ("tcp_arrival", attached.tcp_arrival),
+                ("nic", attached.nic),
+            ]);
+            Some((metrics.serve(addr).await?, metrics))
+        }
+        None => None,
+    };
+    let export_stats = sink.stats();
     let mut pipeline = Pipeline {
+        containers: ContainerMetadata::new(),
+        hops: metrics.as_ref().map(|(_, m)| m.hop_recorder()),
         assembler,
         correlator: Correlator::new(correlate::Config::default()),
         joined: Vec::new(),
         sink: &sink,
         spans: Vec::new(),
     };
+    // TLS plaintext: programs loaded now, attached per OpenSSL file as processes show them.
+    let mut openssl = if attached.requests {
+        OpenSslProbes::load(&mut object, &scope)
+            .inspect_err(|e| log::warn!("TLS plaintext (OpenSSL uprobes) unavailable: {e:#}"))
+            .ok()
+    } else {
+        None
+    };
+    if let Some(probes) = openssl.as_mut() {
+        probes.scan(&mut object);
+    }
+    let mut rescan = tokio::time::interval(tls_uprobes::RESCAN_INTERVAL);
     let mut sweep = tokio::time::interval(Duration::from_millis(500));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -130,12 +177,17 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let mut clock = Clock::sample();
     let mut counts = Counts::default();
     log::info!(
-        "hoptrace agent ready: observing {}; layers: connections{}",
+        "hoptrace agent ready: observing {}; layers: connections{}{}",
         scope.describe(),
         if attached.requests {
             format!(", requests ({})", attached.layers())
         } else {
             String::new()
+        },
+        if openssl.is_some() {
+            ", TLS plaintext (OpenSSL uprobes)"
+        } else {
+            ""
         }
     );
 
@@ -151,7 +203,27 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 // neither lags behind an NTP slew (a correlator compares their times).
                 clock = Clock::sample();
                 pipeline.assembler.sweep(clock::monotonic_now_ns(), &mut pipeline.spans);
+                if let Some(go_tls) = &mut go_tls {
+                    go_tls.rescan(&mut object);
+                }
                 pipeline.emit(&clock);
+                if let Some((_, metrics)) = &mut metrics {
+                    metrics.publish(&Observed {
+                        records: counts.records,
+                        undecodable: counts.decode_errors,
+                        ring_lost: ebpf::read_counters(&object)
+                            .ok()
+                            .map(|c| ebpf::counter(&c, Counter::RingbufFull)),
+                        requests: &pipeline.assembler.stats,
+                        joins: &pipeline.correlator.stats,
+                        export: &export_stats,
+                    });
+                }
+            }
+            _ = rescan.tick(), if openssl.is_some() => {
+                if let Some(probes) = openssl.as_mut() {
+                    probes.scan(&mut object);
+                }
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -169,11 +241,28 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     pipeline.assembler.flush(&mut pipeline.spans);
     pipeline.emit(&clock);
     let request_stats = pipeline.assembler.stats.summary();
-    let request_stats = format!("{request_stats}; {}", pipeline.correlator.stats.summary());
+    let go_stats = go_tls.map(|g| format!("; {}", g.stats.summary()));
+    let request_stats = format!(
+        "{request_stats}; {}{}",
+        pipeline.correlator.stats.summary(),
+        go_stats.unwrap_or_default()
+    );
     drop(pipeline);
+    let request_stats = match (&openssl, kernel_counters) {
+        (Some(probes), Some(counters)) => format!(
+            "{request_stats}; {}, TLS plaintext records {}, unjoined {}",
+            probes.stats.summary(),
+            ebpf::counter(&counters, Counter::PlaintextSubmitted),
+            ebpf::counter(&counters, Counter::PlaintextUnjoined)
+        ),
+        _ => request_stats,
+    };
     let stats = sink.stats();
     drop(sink);
     exporter.shutdown(options.shutdown_timeout).await;
+    if let Some((server, _)) = metrics {
+        server.abort();
+    }
     let stats = stats.summary();
     let lost = kernel_counters.map_or(0, |c| ebpf::counter(&c, Counter::RingbufFull));
     log::info!(
@@ -196,6 +285,9 @@ fn drain(
         match decode::decode(&record) {
             Ok(Event::Conn(event)) => pipeline.assembler.on_conn(&event, &mut pipeline.spans),
             Ok(Event::Data(event)) => pipeline.assembler.on_data(&event, &mut pipeline.spans),
+            Ok(Event::Plaintext(event)) => {
+                pipeline.assembler.on_plaintext(&event, &mut pipeline.spans)
+            }
             Err(e) => {
                 if counts.decode_errors == 0 {
                     log::warn!("undecodable ring-buffer record (counted, skipped): {e}");

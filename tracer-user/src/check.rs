@@ -19,7 +19,7 @@ use crate::{
     ebpf::{self, Layer},
     kernel_offsets,
     scope::Scope,
-    tracefs,
+    tls_uprobes, tracefs,
 };
 
 /// Called by the uprobe check through its symbol; must stay a real, exported function.
@@ -366,6 +366,17 @@ fn report(findings: &[Finding]) {
         out,
         "  {:<56} {nic} tc egress/ingress on the observed namespaces' interfaces",
         "NIC layer"
+    );
+    let tls = if works("uprobe") {
+        "[ready]"
+    } else {
+        "[absent: the agent runs without this layer]"
+    };
+    let _ = writeln!(
+        out,
+        "  {:<56} {tls} {}",
+        "TLS plaintext (OpenSSL uprobes)",
+        tls_uprobes::HOOKS
     );
     let accelerators = if works("fentry") || works("kprobe") {
         "available (not needed: the agent stands on tracepoints)"

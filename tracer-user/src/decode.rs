@@ -3,6 +3,7 @@
 use tracer_common::{
     conn::{ConnEvent, kind},
     data::{DATA_HEADER_LEN, DataEvent, MAX_CAPTURE},
+    plaintext::{PLAINTEXT_HEADER_LEN, PlaintextEvent},
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -10,6 +11,8 @@ pub enum Event {
     Conn(ConnEvent),
     /// Boxed: 1.1 KiB, most of it payload room.
     Data(Box<DataEvent>),
+    /// TLS plaintext from a library uprobe (boxed as `Data`).
+    Plaintext(Box<PlaintextEvent>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -32,29 +35,42 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let &kind = bytes.first().ok_or(DecodeError::Empty)?;
     match kind {
         kind::CONN => read_record::<ConnEvent>(kind, bytes).map(Event::Conn),
-        kind::DATA => decode_data(bytes).map(Event::Data),
+        kind::DATA => decode_with_payload(kind, bytes, DATA_HEADER_LEN, |e: &DataEvent| e.captured)
+            .map(Event::Data),
+        kind::PLAINTEXT => {
+            decode_with_payload(kind, bytes, PLAINTEXT_HEADER_LEN, |e: &PlaintextEvent| {
+                e.data.captured
+            })
+            .map(Event::Plaintext)
+        }
         other => Err(DecodeError::UnknownKind(other)),
     }
 }
 
-/// A data record is its fixed part plus only the captured bytes.
-fn decode_data(bytes: &[u8]) -> Result<Box<DataEvent>, DecodeError> {
-    if bytes.len() < DATA_HEADER_LEN {
+/// A record with a payload (data, plaintext) is its fixed part (`header_len` bytes) plus only
+/// the captured bytes, which the record says how many they are.
+fn decode_with_payload<T: aya::Pod>(
+    kind: u8,
+    bytes: &[u8],
+    header_len: usize,
+    captured: impl Fn(&T) -> u16,
+) -> Result<Box<T>, DecodeError> {
+    if bytes.len() < header_len {
         return Err(DecodeError::Length {
-            kind: kind::DATA,
+            kind,
             len: bytes.len(),
-            expected: DATA_HEADER_LEN,
+            expected: header_len,
         });
     }
-    let mut full = [0u8; DATA_HEADER_LEN + MAX_CAPTURE];
+    let mut full = vec![0u8; size_of::<T>()];
     let carried = bytes.len().min(full.len());
     full[..carried].copy_from_slice(&bytes[..carried]);
-    let event: DataEvent = read_record(kind::DATA, &full)?;
-    let claimed = usize::from(event.captured);
-    if claimed > MAX_CAPTURE || claimed > carried - DATA_HEADER_LEN {
+    let event: T = read_record(kind, &full)?;
+    let claimed = usize::from(captured(&event));
+    if claimed > MAX_CAPTURE || claimed > carried - header_len {
         return Err(DecodeError::Captured {
             claimed,
-            carried: carried - DATA_HEADER_LEN,
+            carried: carried - header_len,
         });
     }
     Ok(Box::new(event))
@@ -128,6 +144,37 @@ mod tests {
         ));
         assert!(matches!(
             decode(&bytes[..50]),
+            Err(DecodeError::Length { .. })
+        ));
+    }
+
+    #[test]
+    fn decodes_a_plaintext_record_and_checks_its_captured_length() {
+        let mut event: PlaintextEvent = unsafe { std::mem::zeroed() };
+        event.header.kind = kind::PLAINTEXT;
+        event.library_enter_ns = 11;
+        event.data.captured = 3;
+        event.data.data[..3].copy_from_slice(b"GET");
+        let bytes = |event: &PlaintextEvent| {
+            let ptr = (event as *const PlaintextEvent).cast::<u8>();
+            unsafe { std::slice::from_raw_parts(ptr, size_of::<PlaintextEvent>()) }.to_vec()
+        };
+        let all = bytes(&event);
+        let Ok(Event::Plaintext(decoded)) = decode(&all[..PLAINTEXT_HEADER_LEN + 3]) else {
+            panic!()
+        };
+        assert_eq!(
+            (decoded.library_enter_ns, &decoded.data.data[..3]),
+            (11, &b"GET"[..])
+        );
+        event.data.captured = 500;
+        let all = bytes(&event);
+        assert!(matches!(
+            decode(&all[..PLAINTEXT_HEADER_LEN + 3]),
+            Err(DecodeError::Captured { .. })
+        ));
+        assert!(matches!(
+            decode(&all[..PLAINTEXT_HEADER_LEN - 1]),
             Err(DecodeError::Length { .. })
         ));
     }

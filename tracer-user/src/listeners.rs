@@ -66,7 +66,7 @@ pub fn existing(netns: &[u32]) -> Vec<(ListenerKey, ListenerInfo)> {
     found
 }
 
-fn all_pids() -> Vec<u32> {
+pub(crate) fn all_pids() -> Vec<u32> {
     let mut pids: Vec<u32> = std::fs::read_dir("/proc")
         .map(|dir| {
             dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())

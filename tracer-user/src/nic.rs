@@ -67,6 +67,15 @@ fn attach_in(ebpf: &mut Ebpf, namespace: Option<&PathBuf>) -> anyhow::Result<usi
             ("nic_egress", TcAttachType::Egress),
             ("nic_ingress", TcAttachType::Ingress),
         ] {
+            if needs_clsact {
+                // Netlink tc filters, unlike TCX links, outlive the process that attached them:
+                // an agent killed with SIGKILL leaves its filters running. Remove them so that a
+                // restart does not stack a second set of timestamps on the same packets.
+                if aya::programs::tc::qdisc_detach_program(index, direction.into(), program).is_ok()
+                {
+                    log::info!("removed a stale tc {direction:?} filter {program} from {name}");
+                }
+            }
             let program: &mut SchedClassifier = ebpf
                 .program_mut(program)
                 .context("tc program missing")?

@@ -19,6 +19,7 @@ use tracer_common::{
     conn::{ConnEvent, ConnTransition},
     data::{DIRECTION_SEND, DataEvent},
     http::{self, Headers},
+    plaintext::{PlaintextEvent, library},
     trace_context,
 };
 
@@ -27,6 +28,7 @@ use crate::{
     nic::NicTimes,
     sampling::{Sampler, Untraced},
     span::{HopSpan, Role, SpanIds, Value},
+    tls_handshake::{self, Gone, Tls},
 };
 
 /// Head bytes buffered per stream before the head counts as truncated (a 64 KiB header must
@@ -90,6 +92,7 @@ pub struct Stats {
     pub requests_unanswered: u64,
     pub requests_overflow: u64,
     pub sockets_over_capacity: u64,
+    pub tls: tls_handshake::Stats,
 }
 
 impl Stats {
@@ -99,7 +102,7 @@ impl Stats {
             "requests {}, request spans {}, not sampled {}, untraced ignored {}, invalid \
              traceparent {invalid} {:?}, truncated heads {}, malformed heads {}, non-HTTP records \
              {}, unmatched responses {}, unanswered requests {}, pipelining overflow {}, sockets \
-             over capacity {}",
+             over capacity {}; {}",
             self.requests,
             self.spans,
             self.not_sampled,
@@ -112,6 +115,7 @@ impl Stats {
             self.requests_unanswered,
             self.requests_overflow,
             self.sockets_over_capacity,
+            self.tls.summary(),
         )
     }
 }
@@ -126,6 +130,20 @@ struct Stamp {
     seq: u32,
     /// Receive records: when that segment arrived at the NIC (0 = unknown).
     nic_ns: u64,
+    /// TLS plaintext records: when the application called the TLS library (0 = not through a
+    /// library probe; then `enter_ns` is the application's own syscall).
+    library_ns: u64,
+}
+
+impl Stamp {
+    /// When the application handed the bytes over: to the TLS library, else to the kernel.
+    fn handed_over(&self) -> u64 {
+        if self.library_ns != 0 {
+            self.library_ns
+        } else {
+            self.enter_ns
+        }
+    }
 }
 
 /// Who is at the ends of a socket, from its latest record.
@@ -136,6 +154,9 @@ struct Endpoint {
     netns: u32,
     local: Option<(IpAddr, u16)>,
     peer: Option<(IpAddr, u16)>,
+    /// The TLS library whose uprobes give this socket's plaintext; its ciphertext records are
+    /// then not parsed for HTTP.
+    plaintext_from: Option<&'static str>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -479,6 +500,10 @@ struct Socket {
     endpoint: Endpoint,
     /// The handshake span, waiting for the connection's first request.
     held_handshake: Option<(HopSpan, u64)>,
+    /// Whether the bytes are TLS: then the handshake tracker times them, HTTP never sees them.
+    tls: Tls,
+    /// The tls.handshake span, held like the connect (and with it) for the first request.
+    held_tls: Option<(HopSpan, u64)>,
     requests_seen: u64,
     outgoing: Stream,
     incoming: Stream,
@@ -494,6 +519,7 @@ struct Answer {
     head: Stamp,
     status: u16,
     held_handshake: Option<(HopSpan, u64)>,
+    held_tls: Option<(HopSpan, u64)>,
 }
 
 pub struct Assembler {
@@ -535,7 +561,7 @@ impl Assembler {
         match transition {
             Some(ConnTransition::ConnectDone | ConnTransition::AcceptDone) => {
                 // A new connection on this address: whatever was there is gone.
-                self.forget(event.skaddr, out);
+                self.forget(event.skaddr, Gone::Closed, out);
                 if let Some(socket) = self.socket(event.skaddr, event.header.ts_ns) {
                     socket.side = Some(if transition == Some(ConnTransition::ConnectDone) {
                         Side::Client
@@ -552,20 +578,40 @@ impl Assembler {
                 | ConnTransition::AcceptFailed
                 | ConnTransition::ConnectFailed,
             ) => {
-                self.forget(event.skaddr, out);
+                self.forget(event.skaddr, Gone::Reset, out);
                 out.push(span);
             }
             _ => out.push(span),
         }
     }
 
+    /// A send or receive syscall's record. On a socket whose plaintext comes from a TLS
+    /// library probe, this is ciphertext: ignored here.
     pub fn on_data(&mut self, event: &DataEvent, out: &mut Vec<HopSpan>) {
+        self.on_record(event, 0, None, out);
+    }
+
+    /// Plaintext of a TLS socket from a library probe: parsed like a plaintext socket's
+    /// records, timed from the library call (see `tracer_common::plaintext`).
+    pub fn on_plaintext(&mut self, event: &PlaintextEvent, out: &mut Vec<HopSpan>) {
+        let from = library::name(event.library);
+        self.on_record(&event.data, event.library_enter_ns, Some(from), out);
+    }
+
+    fn on_record(
+        &mut self,
+        event: &DataEvent,
+        library_ns: u64,
+        plaintext_from: Option<&'static str>,
+        out: &mut Vec<HopSpan>,
+    ) {
         let stamp = Stamp {
             enter_ns: event.enter_ns,
             tcp_ns: event.tcp_ns,
             exit_ns: event.header.ts_ns,
             seq: event.seq,
             nic_ns: event.nic_ns,
+            library_ns,
         };
         let captured = usize::from(event.captured).min(event.data.len());
         let data = &event.data[..captured];
@@ -593,7 +639,25 @@ impl Assembler {
         // Addresses don't change; the owner may (a socket passed on): refresh only then, not for
         // every record (it allocates).
         if socket.endpoint.local.is_none() || socket.endpoint.tgid != event.header.tgid {
+            let tls = socket.endpoint.plaintext_from;
             socket.endpoint = endpoint(event);
+            socket.endpoint.plaintext_from = tls;
+        }
+        // Ciphertext feeds the handshake tracker, also on sockets whose plaintext comes from
+        // a library probe.
+        if plaintext_from.is_none() && tls_bytes(socket, event, data, &mut stats.tls, out) {
+            return;
+        }
+        match (plaintext_from, socket.endpoint.plaintext_from) {
+            (None, Some(_)) => return, // ciphertext: its plaintext comes from the library
+            (Some(from), None) => {
+                // The first plaintext: what the streams made of the handshake's ciphertext
+                // is meaningless.
+                socket.endpoint.plaintext_from = Some(from);
+                socket.outgoing = Stream::default();
+                socket.incoming = Stream::default();
+            }
+            _ => {}
         }
         if socket.side.is_none() {
             // A connection older than the agent: who is the client shows in the first bytes.
@@ -680,16 +744,17 @@ impl Assembler {
                     stats.responses_unmatched += 1;
                     continue;
                 };
-                let held_handshake = if request.first_on_connection {
-                    socket.held_handshake.take()
+                let (held_handshake, held_tls) = if request.first_on_connection {
+                    (socket.held_handshake.take(), socket.held_tls.take())
                 } else {
-                    None
+                    (None, None)
                 };
                 let answer = Answer {
                     request,
                     head: head.stamp,
                     status: response.status,
                     held_handshake,
+                    held_tls,
                 };
                 match head.body {
                     Body::None => finish(
@@ -716,19 +781,27 @@ impl Assembler {
         let idle = self.config.idle_ns;
         let mut idle_sockets = Vec::new();
         for (addr, socket) in &mut self.sockets {
-            if socket
-                .held_handshake
-                .as_ref()
-                .is_some_and(|(_, at)| now_ns.saturating_sub(*at) > hold)
-            {
-                out.extend(socket.held_handshake.take().map(|(span, _)| span));
+            tls_handshake::give_up_waiting(
+                &mut socket.tls,
+                now_ns,
+                hold,
+                &mut self.stats.tls,
+                || tls_attributes(&socket.endpoint, socket.side),
+                &mut socket.held_tls,
+            );
+            let expired = |held: &Option<(HopSpan, u64)>| {
+                held.as_ref()
+                    .is_some_and(|(_, at)| now_ns.saturating_sub(*at) > hold)
+            };
+            if expired(&socket.held_handshake) || expired(&socket.held_tls) {
+                release_held(socket, out);
             }
             if now_ns.saturating_sub(socket.last_ns) > idle {
                 idle_sockets.push(*addr);
             }
         }
         for addr in idle_sockets {
-            self.forget(addr, out);
+            self.forget(addr, Gone::Idle, out);
         }
     }
 
@@ -736,14 +809,22 @@ impl Assembler {
     pub fn flush(&mut self, out: &mut Vec<HopSpan>) {
         let all: Vec<u64> = self.sockets.keys().copied().collect();
         for addr in all {
-            self.forget(addr, out);
+            self.forget(addr, Gone::AgentStopped, out);
         }
     }
 
-    fn forget(&mut self, addr: u64, out: &mut Vec<HopSpan>) {
-        if let Some(socket) = self.sockets.remove(&addr) {
+    fn forget(&mut self, addr: u64, why: Gone, out: &mut Vec<HopSpan>) {
+        if let Some(mut socket) = self.sockets.remove(&addr) {
+            if let Tls::Tracking(handshake) = &mut socket.tls {
+                let span = handshake.span_on_end(
+                    why,
+                    tls_attributes(&socket.endpoint, socket.side),
+                    &mut self.stats.tls,
+                );
+                socket.held_tls = Some((span, 0));
+            }
             self.stats.requests_unanswered += socket.in_flight.len() as u64;
-            if let (Some(answer), Some(side)) = (socket.answering, socket.side) {
+            if let (Some(answer), Some(side)) = (socket.answering.take(), socket.side) {
                 // The connection ended (or went idle) inside the body: the end is unknown.
                 let env = SpanEnv {
                     layers: self.config.layers,
@@ -760,7 +841,7 @@ impl Assembler {
                     out,
                 );
             }
-            out.extend(socket.held_handshake.map(|(span, _)| span));
+            release_held(&mut socket, out);
         }
     }
 
@@ -907,6 +988,7 @@ fn build_spans(
         head: response,
         status,
         held_handshake,
+        held_tls,
     } = answer;
     let last = end.unwrap_or(response);
     // The NIC times of the request's and the response's first segments, where the layer exists
@@ -934,6 +1016,10 @@ fn build_spans(
         ),
     ];
     attributes.extend(endpoint_attributes(endpoint, side));
+    if let Some(from) = endpoint.plaintext_from {
+        attributes.push(("url.scheme", "https".into()));
+        attributes.push(("hoptrace.tls.plaintext_from", from.into()));
+    }
     if request.truncated {
         attributes.push((
             "hoptrace.uncertain",
@@ -951,8 +1037,12 @@ fn build_spans(
     let hop = match side {
         Side::Client => {
             let req = request.stamp;
-            let mut start = req.enter_ns;
-            let mut events = vec![("request.to_kernel", req.enter_ns)];
+            let mut start = req.handed_over();
+            let mut events = Vec::new();
+            if req.library_ns != 0 {
+                events.push(("request.to_tls", req.library_ns));
+            }
+            events.push(("request.to_kernel", req.enter_ns));
             if req.tcp_ns != 0 {
                 events.push(("request.tcp_queued", req.tcp_ns));
             }
@@ -970,13 +1060,14 @@ fn build_spans(
                 events.push(("response.complete", last.exit_ns));
             }
             let mut handshake_child = None;
-            if let Some((mut handshake, _)) = held_handshake {
-                // The request that opened its connection includes the connect, as its child.
-                if handshake.start_ns <= start {
-                    start = handshake.start_ns;
+            // The request that opened its connection includes the connect and the TLS
+            // handshake, as its children.
+            for (mut handshake, _) in held_handshake.into_iter().chain(held_tls) {
+                if handshake.start_ns <= start || handshake_child.is_some() {
+                    start = start.min(handshake.start_ns);
                     handshake.ids =
                         SpanIds::child(ids.trace_id, ids.span_id, ids.trace_state.clone());
-                    handshake_child = Some(handshake);
+                    handshake_child.get_or_insert_with(Vec::new).push(handshake);
                 } else {
                     spans.push(handshake);
                 }
@@ -991,7 +1082,7 @@ fn build_spans(
                 attributes: with_hop(attributes, HOP_AGENT),
                 events,
             };
-            spans.extend(handshake_child);
+            spans.extend(handshake_child.into_iter().flatten());
             hop
         }
         Side::Server => {
@@ -1021,7 +1112,7 @@ fn build_spans(
                 ));
             }
             let kernel_rx = req.exit_ns.saturating_sub(start);
-            let app = response.enter_ns.saturating_sub(req.exit_ns);
+            let app = response.handed_over().saturating_sub(req.exit_ns);
             let kernel_tx = end.saturating_sub(response.enter_ns.max(start));
             attributes.push(("hoptrace.kernel_receive_ns", (kernel_rx as i64).into()));
             attributes.push(("hoptrace.application_ns", (app as i64).into()));
@@ -1040,16 +1131,16 @@ fn build_spans(
                 spans.push(child("kernel receive", start, req.exit_ns));
             }
             if env.layer_spans {
-                spans.push(child("application", req.exit_ns, response.enter_ns));
+                spans.push(child("application", req.exit_ns, response.handed_over()));
             }
             if env.layer_spans && (last.tcp_ns != 0 || left.is_some()) {
                 // From the response head handed over to its last byte queued by TCP (or its
                 // first segment through the NIC).
                 spans.push(child("kernel send", response.enter_ns, end));
             }
-            if let Some((mut handshake, _)) = held_handshake {
-                // The accept precedes the request: a sibling under the same parent, not a child
-                // (a child never starts before its parent).
+            for (mut handshake, _) in held_handshake.into_iter().chain(held_tls) {
+                // The accept and the TLS handshake precede the request: siblings under the same
+                // parent, not children (a child never starts before its parent).
                 handshake.ids = match ids.parent_id {
                     Some(parent) => SpanIds::child(ids.trace_id, parent, ids.trace_state.clone()),
                     None => SpanIds {
@@ -1071,7 +1162,8 @@ fn build_spans(
                     arrived.map(|t| ("request.nic_ingress", t)),
                     (req.tcp_ns != 0).then_some(("request.at_tcp", req.tcp_ns)),
                     Some(("request.to_app", req.exit_ns)),
-                    Some(("response.from_app", response.enter_ns)),
+                    Some(("response.from_app", response.handed_over())),
+                    (response.library_ns != 0).then_some(("response.to_kernel", response.enter_ns)),
                     left.map(|t| ("response.nic_egress", t)),
                 ]
                 .into_iter()
@@ -1082,6 +1174,74 @@ fn build_spans(
     };
     spans.insert(0, hop);
     Some(spans)
+}
+
+/// Routes a syscall's bytes on a TLS connection to the handshake tracker; `false` when they are
+/// not TLS (then HTTP parsing has them). The first captured bytes decide.
+fn tls_bytes(
+    socket: &mut Socket,
+    event: &DataEvent,
+    data: &[u8],
+    stats: &mut tls_handshake::Stats,
+    out: &mut Vec<HopSpan>,
+) -> bool {
+    let sending = event.direction == DIRECTION_SEND;
+    let moment = tls_handshake::Moment {
+        enter_ns: event.enter_ns,
+        exit_ns: event.header.ts_ns,
+        tcp_ns: event.tcp_ns,
+        nic_ns: event.nic_ns,
+    };
+    let ports = [event.sport, event.dport];
+    let route = socket
+        .tls
+        .route(data, u64::from(event.len), sending, moment, ports, stats);
+    if let Tls::Tracking(handshake) = &mut socket.tls {
+        socket.side.get_or_insert(if handshake.is_client() {
+            Side::Client
+        } else {
+            Side::Server
+        });
+        if route == tls_handshake::Route::Tls(tls_handshake::Progress::Ready) {
+            let span = handshake.span(tls_attributes(&socket.endpoint, socket.side), stats);
+            socket.tls = Tls::Ignored;
+            let failed = span.error.is_some();
+            socket.held_tls = Some((span, event.header.ts_ns));
+            if failed {
+                // No request will follow a failed handshake: out now, with the connect.
+                release_held(socket, out);
+            }
+        }
+    }
+    route != tls_handshake::Route::Http
+}
+
+/// Exports a socket's held connect/accept and TLS handshake spans without a request: the TLS
+/// span joins the connect's trace as its child, or is exported on its own.
+fn release_held(socket: &mut Socket, out: &mut Vec<HopSpan>) {
+    let connect = socket.held_handshake.take().map(|(span, _)| span);
+    let tls = socket.held_tls.take().map(|(mut tls, _)| {
+        if let Some(connect) = &connect {
+            tls.ids = SpanIds::child(
+                connect.ids.trace_id,
+                connect.ids.span_id,
+                connect.ids.trace_state.clone(),
+            );
+        }
+        tls
+    });
+    out.extend(connect);
+    out.extend(tls);
+}
+
+fn tls_attributes(endpoint: &Endpoint, side: Option<Side>) -> Vec<(&'static str, Value)> {
+    let side = side.unwrap_or(Side::Client);
+    let hop = if side == Side::Client {
+        HOP_AGENT
+    } else {
+        HOP_PERSONA
+    };
+    with_hop(endpoint_attributes(endpoint, side), hop)
 }
 
 fn with_hop(
@@ -1126,6 +1286,7 @@ fn endpoint(event: &DataEvent) -> Endpoint {
         netns: event.netns_ino,
         local: Some((conn_spans::address(family, &event.saddr), event.sport)),
         peer: Some((conn_spans::address(family, &event.daddr), event.dport)),
+        plaintext_from: None,
     }
 }
 

@@ -150,6 +150,12 @@ impl Replay {
         self.asm.on_data(event, &mut self.out);
     }
 
+    /// A TLS library call's plaintext (see [`plaintext`]).
+    fn tls(&mut self, sk: u64, direction: u8, bytes: &[u8], library_us: u64, at: At) {
+        let event = plaintext(sk, direction, bytes, library_us, at);
+        self.asm.on_plaintext(&event, &mut self.out);
+    }
+
     fn sweep(&mut self, now_us: u64) {
         self.asm.sweep(us(now_us), &mut self.out);
     }
@@ -1094,12 +1100,19 @@ fn binary_data_is_counted_not_traced() {
     r.send(SK2, h2_preface, At(1_000, 1_001, 1_002));
     r.recv(SK2, [0u8; 9], At(1_100, 1_101, 1_102));
     assert!(r.out.is_empty());
-    assert_eq!((r.stats().non_http_records, r.stats().requests), (4, 0));
+    // TLS is the handshake tracker's, not HTTP garbage; HTTP/2 is.
+    assert_eq!((r.stats().non_http_records, r.stats().requests), (2, 0));
+    assert_eq!(r.stats().tls.handshakes, 1);
 
     // On a connection known to be a client's: counted once, then skipped until a head starts.
     let mut r = Replay::new();
     r.connect(SK, 1_000, 1_100);
-    r.send(SK, tls_client_hello, At(1_200, 1_201, 1_202));
+    // An HTTP/2 SETTINGS frame header (TLS would go to the handshake tracker).
+    r.send(
+        SK,
+        [0u8, 0, 0x12, 4, 0, 0, 0, 0, 0],
+        At(1_200, 1_201, 1_202),
+    );
     r.send(SK, [0xffu8; 300], At(1_300, 1_301, 1_302));
     r.recv(
         SK,
@@ -1605,4 +1618,116 @@ fn by_default_the_persona_layers_are_attributes_not_spans() {
         Some(Value::Int(500_000))
     );
     assert_eq!(attr("hoptrace.application_ns"), Some(Value::Int(900_000)));
+}
+
+#[path = "tls_handshake_tests.rs"]
+mod tls;
+/// A TLS library's plaintext record: the call entered at `library_us`, its ciphertext syscall
+/// (entry, TCP, and the call's return as exit) at `at`.
+fn plaintext(sk: u64, direction: u8, bytes: &[u8], library_us: u64, at: At) -> PlaintextEvent {
+    let mut data = record(sk, direction, bytes, at);
+    data.header.kind = kind::PLAINTEXT;
+    PlaintextEvent {
+        header: data.header,
+        library_enter_ns: us(library_us),
+        session: 0x5555_0000_1000,
+        library: library::OPENSSL,
+        joined_by: tracer_common::plaintext::joined_by::SYSCALL_IN_CALL,
+        syscalls: 1,
+        _pad: [0; 5],
+        data,
+    }
+}
+
+/// TLS records as they look on the wire (handshake, application data): never HTTP.
+const CIPHERTEXT: &[u8] = &[0x17, 0x03, 0x03, 0x00, 0x20, 0xde, 0xad, 0xbe, 0xef];
+
+#[test]
+fn tls_plaintext_feeds_the_requests_and_the_ciphertext_is_left_alone() {
+    let mut r = Replay::new();
+    r.connect(SK, 1_000, 1_500);
+    // The handshake, before any plaintext: the TLS tracker's, never counted as garbage HTTP.
+    r.send(SK, [0x16, 0x03, 0x01, 0x00, 0x05], At(1_600, 1_610, 1_620));
+    r.recv(SK, [0x16, 0x03, 0x03, 0x00, 0x05], At(1_630, 1_700, 1_720));
+    let before = r.stats().non_http_records;
+    assert_eq!(before, 0);
+    for (library, at, path) in [(1_900, 2_000, "/a"), (3_900, 4_000, "/b")] {
+        // The syscall's ciphertext record comes first (it returns inside the library call).
+        r.send(SK, CIPHERTEXT, At(at, at + 10, at + 20));
+        let head = if path == "/a" {
+            get_traced(path)
+        } else {
+            get(path)
+        };
+        r.tls(SK, DIRECTION_SEND, &head, library, At(at, at + 10, at + 30));
+        r.recv(SK, CIPHERTEXT, At(at + 40, at + 800, at + 900));
+        r.tls(
+            SK,
+            DIRECTION_RECV,
+            &ok("ok"),
+            at + 35,
+            At(at + 40, at + 800, at + 950),
+        );
+    }
+    let spans = r.take();
+    let hops = hops(&spans);
+    assert_eq!(hops.len(), 2, "{spans:#?}");
+    assert_eq!(path(hops[0]), "/a");
+    assert_eq!(hops[0].ids.trace_id, TP_TRACE);
+    // The first starts at the connect; the keep-alive one when curl called the library, and
+    // ends when the library returned the response.
+    assert_eq!((hops[0].start_ns, hops[0].end_ns), (us(1_000), us(2_950)));
+    assert_eq!((hops[1].start_ns, hops[1].end_ns), (us(3_900), us(4_950)));
+    assert_eq!(
+        hops[1].events[..2],
+        [
+            ("request.to_tls", us(3_900)),
+            ("request.to_kernel", us(4_000))
+        ]
+    );
+    for hop in &hops {
+        assert_eq!(hop.attr("url.scheme"), Some(&Value::from("https")));
+        assert_eq!(
+            hop.attr("hoptrace.tls.plaintext_from"),
+            Some(&Value::from("openssl"))
+        );
+    }
+    // Ciphertext after the first plaintext is neither parsed nor counted as non-HTTP.
+    assert_eq!(r.stats().non_http_records, before);
+    assert_eq!((r.stats().requests, r.stats().spans), (2, 2));
+}
+
+#[test]
+fn a_tls_server_spends_application_time_until_it_calls_the_library() {
+    let mut r = Replay::new();
+    r.accept(SK, 1_000, 100);
+    r.recv(SK, CIPHERTEXT, At(1_990, 1_950, 2_000));
+    r.tls(
+        SK,
+        DIRECTION_RECV,
+        &get_traced("/"),
+        1_980,
+        At(1_990, 1_950, 2_010),
+    );
+    // nginx calls SSL_write at 2_500; its ciphertext reaches the kernel at 2_600.
+    r.send(SK, CIPHERTEXT, At(2_600, 2_650, 2_700));
+    r.tls(
+        SK,
+        DIRECTION_SEND,
+        &ok("ok"),
+        2_500,
+        At(2_600, 2_650, 2_710),
+    );
+    let spans = r.take();
+    let hop = only_hop(&spans);
+    assert_eq!(hop.role, Role::Server);
+    // From the request's arrival at TCP to TCP queuing the response.
+    assert_eq!((hop.start_ns, hop.end_ns), (us(1_950), us(2_650)));
+    assert_eq!(
+        hop.attr("hoptrace.application_ns"),
+        Some(&Value::from(i64::try_from(us(2_500 - 2_010)).unwrap()))
+    );
+    let event = |name: &str| hop.events.iter().find(|(n, _)| *n == name).map(|e| e.1);
+    assert_eq!(event("response.from_app"), Some(us(2_500)));
+    assert_eq!(event("response.to_kernel"), Some(us(2_600)));
 }

@@ -3,8 +3,11 @@
 
 use std::time::Duration;
 
-use opentelemetry::KeyValue;
-use opentelemetry_sdk::Resource;
+use opentelemetry::{Key, KeyValue};
+use opentelemetry_sdk::{
+    Resource,
+    resource::{EnvResourceDetector, ResourceDetector as _, TelemetryResourceDetector},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -55,6 +58,11 @@ pub struct ExportConfig {
     pub export_timeout: Duration,
     /// OTEL_EXPORTER_OTLP_[TRACES_]HEADERS: `key=value,...` sent with every export.
     pub headers: Option<String>,
+    /// OTEL_SERVICE_NAME (or its config-file key).
+    pub service_name: Option<String>,
+    /// Resource attributes below OTEL_RESOURCE_ATTRIBUTES (config file, node name): the
+    /// variable's attributes win key by key.
+    pub extra_resource: Vec<(String, String)>,
 }
 
 /// Flags that override the environment.
@@ -65,6 +73,8 @@ pub struct ExportFlags {
 }
 
 impl ExportConfig {
+    /// From the process environment alone (the correlator's; the agent's settings layer a
+    /// config file under it). An empty variable counts as unset.
     pub fn from_env(flags: &ExportFlags) -> Result<Self, String> {
         Self::from_lookup(flags, |key| {
             std::env::var(key).ok().filter(|v| !v.trim().is_empty())
@@ -137,26 +147,56 @@ impl ExportConfig {
             export_timeout: Duration::from_millis(number("OTEL_BSP_EXPORT_TIMEOUT", 30000)?.max(1)),
             headers: lookup("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
                 .or_else(|| lookup("OTEL_EXPORTER_OTLP_HEADERS")),
+            service_name: lookup("OTEL_SERVICE_NAME"),
+            extra_resource: Vec::new(),
         })
     }
 
-    /// The resource: OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES as the SDK reads them, with
-    /// `hoptrace` as the service name when neither names one.
-    pub fn resource(&self) -> Resource {
-        let resource = Resource::builder().build();
-        let has_name = std::env::var("OTEL_SERVICE_NAME").is_ok()
-            || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name="));
-        let builder = Resource::builder().with_attributes(
-            resource
-                .iter()
-                .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
-                .collect::<Vec<_>>(),
-        );
-        if has_name {
-            builder.build()
-        } else {
-            builder.with_service_name("hoptrace").build()
+    /// Where spans go, in one line.
+    pub fn describe(&self) -> String {
+        match &self.target {
+            Target::Terminal => "terminal (no OTLP endpoint)".to_string(),
+            Target::Otlp { endpoint, protocol } => {
+                format!("OTLP {} to {endpoint}", protocol.as_str())
+            }
+            Target::Disabled(why) => format!("disabled ({why})"),
         }
+    }
+
+    /// The resource: `extra_resource`, then OTEL_RESOURCE_ATTRIBUTES over it (as the SDK reads
+    /// it), and the service name from OTEL_SERVICE_NAME, else `service.name` among the
+    /// attributes, else `hoptrace`.
+    pub fn resource(&self) -> Resource {
+        let from_env = EnvResourceDetector::new().detect();
+        let service_name = self
+            .service_name
+            .clone()
+            .or_else(|| {
+                from_env
+                    .get(&Key::from_static_str("service.name"))
+                    .map(|v| v.to_string())
+            })
+            .or_else(|| {
+                self.extra_resource
+                    .iter()
+                    .find(|(k, _)| k == "service.name")
+                    .map(|(_, v)| v.clone())
+            })
+            .unwrap_or_else(|| "hoptrace".to_string());
+        Resource::builder_empty()
+            .with_detector(Box::new(TelemetryResourceDetector))
+            .with_attributes(
+                self.extra_resource
+                    .iter()
+                    .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+            )
+            .with_attributes(
+                from_env
+                    .iter()
+                    .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+            )
+            .with_service_name(service_name)
+            .build()
     }
 }
 

@@ -25,6 +25,8 @@
 
 mod cmd;
 mod delay;
+pub mod golang;
+mod interception;
 mod netns;
 pub mod pki;
 mod servers;
@@ -45,6 +47,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+pub use self::interception::{INTERCEPTION_PORT, TlsInterception};
 pub use self::{
     cmd::run_command,
     netns::{NETNS_DIR, Netns},
@@ -353,6 +356,17 @@ impl Lab {
     /// The PEM file of the CA that signed the persona's certificate.
     pub fn persona_ca(&self) -> &Path {
         &self.persona_ca.cert
+    }
+
+    /// A new certificate `<name>.pem`/`<name>.key` in the temp dir for the persona's name and
+    /// address, signed by [`Lab::persona_ca`]: for TLS servers a test starts itself (caddy, Go).
+    pub fn persona_certificate(&self, name: &str) -> Result<pki::CertKey> {
+        pki::create_leaf(
+            self.temp.path(),
+            name,
+            &format!("DNS:{PERSONA_TLS_NAME},IP:{PERSONA_IP}"),
+            &self.persona_ca,
+        )
     }
 
     /// `http://10.10.2.2:8080<path>`: the Python server as seen from the agent.

@@ -257,7 +257,7 @@ fn big_body() -> Vec<u8> {
     vec![b'x'; BIG_BODY_LEN]
 }
 
-fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Background> {
+pub(super) fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Background> {
     let out = fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
     let err = out.try_clone()?;
     Background::spawn(cmd.stdout(out).stderr(err))

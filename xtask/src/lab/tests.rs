@@ -599,3 +599,58 @@ fn wrk_through_delay() {
         );
     }
 }
+
+#[test]
+fn tls_interception_forges_the_persona_certificate_and_goes_away_on_drop() {
+    let _guard = shared();
+    let lab = Lab::start(LabConfig {
+        python: false,
+        ..LabConfig::default()
+    })
+    .unwrap();
+    let url = lab.nginx_https_url("/");
+    let nat_rules = || {
+        lab.run_stdout(Host::Fw, &[iptables(), "-t", "nat", "-S"])
+            .unwrap()
+    };
+    let curl = |ca: &Path| {
+        lab.exec(
+            Host::Agent,
+            &[
+                "curl",
+                "-sS",
+                "-v",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--cacert",
+            ],
+        )
+        .arg(ca)
+        .arg(&url)
+        .output()
+        .unwrap()
+    };
+    {
+        let interception = lab.start_tls_interception().unwrap();
+        assert!(nat_rules().contains("REDIRECT"));
+        let through = curl(interception.ca());
+        let stderr = String::from_utf8_lossy(&through.stderr);
+        assert_eq!(String::from_utf8_lossy(&through.stdout), "200", "{stderr}");
+        // The agent saw the firewall's forged certificate, not the persona's.
+        assert!(
+            stderr.contains("issuer: CN=hoptrace lab interception CA"),
+            "{stderr}"
+        );
+        // ...so a client trusting only the persona's CA is refused by the firewall.
+        assert_eq!(curl(lab.persona_ca()).status.code(), Some(60));
+    }
+    assert!(!nat_rules().contains("REDIRECT"));
+    let direct = curl(lab.persona_ca());
+    let stderr = String::from_utf8_lossy(&direct.stderr);
+    assert!(
+        stderr.contains("issuer: CN=hoptrace lab persona CA"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,320 @@
+//! Go crypto/tls plaintext through uprobes on Conn.Write/Read entries and RET instructions:
+//! Debian's stripped caddy (.gopclntab) and the lab's self-built Go server and client (with
+//! symbols) in the lab, curl over HTTP/1.1 with a traceparent, spans at a real OTLP receiver.
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use hoptrace_tests::{
+    agent::Agent,
+    receiver::{OtlpReceiver, ReceivedSpan, span_kind},
+};
+use xtask::lab::{
+    Background, Host, Lab, LabConfig, PERSONA_IP, PERSONA_TLS_NAME,
+    golang::{GoProgram, go_binary},
+};
+
+const PARENT_ID: &str = "00f067aa0ba902b7";
+const GO_LIBRARY: &str = "go crypto/tls";
+
+fn traceparent(trace_id: &str) -> String {
+    format!("traceparent: 00-{trace_id}-{PARENT_ID}-01")
+}
+
+/// Waits until `addr` in the persona accepts TCP connections.
+fn wait_listening(lab: &Lab, server: &mut Background, addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let up = lab
+            .run_in(Host::Persona, || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            })
+            .unwrap();
+        if up {
+            return;
+        }
+        assert!(
+            server.try_wait().unwrap().is_none(),
+            "{} exited before listening",
+            server.label()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{} not listening",
+            server.label()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Debian's caddy serving HTTPS for persona.lab on `port`, state and logs in the lab's dir.
+fn start_caddy(lab: &Lab, port: u16) -> Background {
+    let dir = lab.temp_dir();
+    let cert = lab.persona_certificate("caddy").unwrap();
+    let config = dir.join("Caddyfile");
+    std::fs::write(
+        &config,
+        format!(
+            "{{\n  admin off\n  auto_https off\n}}\n\
+             https://{PERSONA_TLS_NAME}:{port} {{\n  bind {PERSONA_IP}\n  \
+             tls {} {}\n  respond \"caddy {{path}}\" 200\n}}\n",
+            cert.cert.display(),
+            cert.key.display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("caddy.log")).unwrap();
+    let mut cmd = lab.exec(
+        Host::Persona,
+        &["caddy", "run", "--adapter", "caddyfile", "--config"],
+    );
+    cmd.arg(&config)
+        .env("XDG_DATA_HOME", dir.join("caddy-data"))
+        .env("XDG_CONFIG_HOME", dir.join("caddy-config"))
+        .stdout(Stdio::null())
+        .stderr(log);
+    let mut caddy = Background::spawn(&mut cmd).unwrap();
+    wait_listening(lab, &mut caddy, SocketAddr::new(PERSONA_IP.into(), port));
+    caddy
+}
+
+/// The self-built Go HTTPS server on `port`.
+fn start_go_server(lab: &Lab, port: u16) -> Background {
+    let binary = go_binary(GoProgram::Https).unwrap();
+    let cert = lab.persona_certificate("go-server").unwrap();
+    let listen = format!("{PERSONA_IP}:{port}");
+    let mut cmd = lab.exec(Host::Persona, &[binary.as_os_str()]);
+    cmd.arg("-listen")
+        .arg(&listen)
+        .arg("-cert")
+        .arg(&cert.cert)
+        .arg("-key")
+        .arg(&cert.key)
+        // Its log (a handshake error for each readiness probe) stays in the lab's dir.
+        .stderr(std::fs::File::create(lab.temp_dir().join("go-server.log")).unwrap());
+    let mut server = Background::spawn(&mut cmd).unwrap();
+    wait_listening(lab, &mut server, SocketAddr::new(PERSONA_IP.into(), port));
+    server
+}
+
+fn start_agent(lab: &Lab, receiver: &OtlpReceiver) -> Agent {
+    Agent::watching_lab(lab, receiver).expect("agent")
+}
+
+/// curl over HTTP/1.1 to `https://persona.lab:<port><path>`, trusting the lab's persona CA.
+fn curl(lab: &Lab, port: u16, path: &str, extra: &[&str]) {
+    let resolve = format!("{PERSONA_TLS_NAME}:{port}:{PERSONA_IP}");
+    let url = format!("https://{PERSONA_TLS_NAME}:{port}{path}");
+    let ca = lab.persona_ca().to_str().unwrap().to_owned();
+    let mut argv = vec![
+        "curl",
+        "-sS",
+        "-o",
+        "/dev/null",
+        "--max-time",
+        "5",
+        "--cacert",
+        &ca,
+        "--resolve",
+        &resolve,
+    ];
+    argv.extend_from_slice(extra);
+    argv.push(&url);
+    lab.run(Host::Agent, &argv).expect("curl");
+}
+
+fn request_span<'a>(
+    spans: &'a [ReceivedSpan],
+    hop: &str,
+    trace_id: &str,
+) -> Option<&'a ReceivedSpan> {
+    spans.iter().find(|s| {
+        s.attr_str("hoptrace.hop") == Some(hop)
+            && s.trace_id == trace_id
+            && s.attr_str("http.request.method").is_some()
+    })
+}
+
+fn wait_request_span(
+    receiver: &OtlpReceiver,
+    agent: &Agent,
+    hop: &str,
+    trace_id: &str,
+) -> ReceivedSpan {
+    let spans = receiver
+        .try_wait_for_spans(
+            |spans| request_span(spans, hop, trace_id).is_some(),
+            Duration::from_secs(15),
+        )
+        .unwrap_or_else(|e| panic!("no {hop} request span: {e:#}\nagent:\n{}", agent.stderr()));
+    request_span(&spans, hop, trace_id).unwrap().clone()
+}
+
+fn assert_go_server_span(span: &ReceivedSpan, trace_id: &str, path: &str, executable: &str) {
+    assert_eq!(span.trace_id, trace_id, "{span:#?}");
+    assert_eq!(span.parent_span_id, PARENT_ID, "{span:#?}");
+    assert_eq!(span.kind, span_kind::SERVER);
+    assert_eq!(span.attr_str("http.request.method"), Some("GET"));
+    assert_eq!(span.attr_str("url.path"), Some(path));
+    assert_eq!(span.attr_i64("http.response.status_code"), Some(200));
+    assert_eq!(
+        span.attr_str("hoptrace.tls.plaintext_from"),
+        Some(GO_LIBRARY)
+    );
+    assert_eq!(span.attr_str("process.executable.name"), Some(executable));
+}
+
+#[test]
+fn stripped_caddy_yields_the_persona_span_of_an_https_request() {
+    let lab = Lab::start(LabConfig::bare()).expect("lab");
+    let _caddy = start_caddy(&lab, 8443);
+    let receiver = OtlpReceiver::start().expect("receiver");
+    let mut agent = start_agent(&lab, &receiver);
+    assert!(
+        agent
+            .stderr()
+            .contains("Go crypto/tls probed in /usr/bin/caddy"),
+        "{}",
+        agent.stderr()
+    );
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4701";
+    curl(
+        &lab,
+        8443,
+        "/caddy-path",
+        &["--http1.1", "-H", &traceparent(trace_id)],
+    );
+    let span = wait_request_span(&receiver, &agent, "persona", trace_id);
+    assert_go_server_span(&span, trace_id, "/caddy-path", "caddy");
+    agent.stop().unwrap();
+    assert!(
+        agent.stderr().contains("Go crypto/tls: 1 programs probed"),
+        "{}",
+        agent.stderr()
+    );
+}
+
+#[test]
+fn self_built_go_server_and_client_yield_persona_and_agent_spans() {
+    let lab = Lab::start(LabConfig::bare()).expect("lab");
+    let _server = start_go_server(&lab, 8444);
+    let receiver = OtlpReceiver::start().expect("receiver");
+    let mut agent = start_agent(&lab, &receiver);
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4702";
+    curl(
+        &lab,
+        8444,
+        "/from-curl",
+        &["--http1.1", "-H", &traceparent(trace_id)],
+    );
+    let span = wait_request_span(&receiver, &agent, "persona", trace_id);
+    assert_go_server_span(&span, trace_id, "/from-curl", "https");
+
+    // The Go client on the agent side: its Write carries the traceparent. It starts after the
+    // agent and waits 1.5 s before its request, so the agent's scan (every 0.5 s) finds it.
+    let client = go_binary(GoProgram::Https).unwrap();
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4703";
+    let url = format!("https://{PERSONA_IP}:8444/from-go");
+    let ca = lab.persona_ca().to_str().unwrap().to_owned();
+    let tp = format!("00-{trace_id}-{PARENT_ID}-01");
+    let status = lab
+        .run_stdout(
+            Host::Agent,
+            &[
+                client.to_str().unwrap(),
+                "-delay",
+                "1500ms",
+                "-get",
+                &url,
+                "-ca",
+                &ca,
+                "-traceparent",
+                &tp,
+            ],
+        )
+        .unwrap();
+    assert_eq!(status.trim(), "200");
+    let server = wait_request_span(&receiver, &agent, "persona", trace_id);
+    assert_go_server_span(&server, trace_id, "/from-go", "https");
+    let client = wait_request_span(&receiver, &agent, "agent", trace_id);
+    assert_eq!(client.kind, span_kind::CLIENT, "{client:#?}");
+    assert_eq!(client.parent_span_id, PARENT_ID);
+    assert_eq!(client.attr_str("url.path"), Some("/from-go"));
+    assert_eq!(client.attr_i64("http.response.status_code"), Some(200));
+    assert_eq!(
+        client.attr_str("hoptrace.tls.plaintext_from"),
+        Some(GO_LIBRARY)
+    );
+    // The client's request spans the server's.
+    assert!(client.start_time() <= server.start_time() && server.end_time() <= client.end_time());
+    agent.stop().unwrap();
+    assert!(
+        agent.stderr().contains("Go crypto/tls: 1 programs probed"),
+        "one executable, two processes: {}",
+        agent.stderr()
+    );
+}
+
+#[test]
+fn a_go_program_without_crypto_tls_is_skipped_with_a_log_line_and_counted() {
+    let lab = Lab::start(LabConfig::bare()).expect("lab");
+    let binary = go_binary(GoProgram::PlainTcp).unwrap();
+    let listen = format!("{PERSONA_IP}:9000");
+    let mut plain = lab
+        .spawn(
+            Host::Persona,
+            &[binary.as_os_str(), "-listen".as_ref(), listen.as_ref()],
+        )
+        .unwrap();
+    wait_listening(&lab, &mut plain, SocketAddr::new(PERSONA_IP.into(), 9000));
+    let receiver = OtlpReceiver::start().expect("receiver");
+    let mut agent = start_agent(&lab, &receiver);
+    agent.stop().unwrap();
+    let log = agent.stderr();
+    assert!(
+        log.contains("not probing") && log.contains("no crypto/tls in this Go program"),
+        "{log}"
+    );
+    assert!(
+        log.contains("Go crypto/tls: 0 programs probed, 1 skipped"),
+        "{log}"
+    );
+}
+
+#[test]
+fn http2_to_caddy_yields_connection_spans_and_no_made_up_request() {
+    let lab = Lab::start(LabConfig::bare()).expect("lab");
+    let _caddy = start_caddy(&lab, 8445);
+    let receiver = OtlpReceiver::start().expect("receiver");
+    let mut agent = start_agent(&lab, &receiver);
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4704";
+    // curl's default with caddy: HTTP/2 (HPACK headers, not decoded).
+    curl(
+        &lab,
+        8445,
+        "/h2",
+        &["--http2", "-H", &traceparent(trace_id)],
+    );
+    receiver
+        .try_wait_for_spans(
+            |spans| spans.iter().any(|s| s.name == "tcp.accept"),
+            Duration::from_secs(15),
+        )
+        .unwrap_or_else(|e| panic!("no accept span: {e:#}\n{}", agent.stderr()));
+    agent.stop().unwrap();
+    let spans = receiver.spans();
+    assert!(spans.iter().any(|s| s.name == "tcp.accept"), "{spans:#?}");
+    // Nothing claims to be an HTTP/1 request of this connection with a made-up method or path.
+    for span in &spans {
+        if let Some(method) = span.attr_str("http.request.method") {
+            assert!(
+                span.attr_str("url.path") == Some("/h2") && method == "GET",
+                "made-up request span: {span:#?}"
+            );
+        }
+    }
+}

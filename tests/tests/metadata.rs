@@ -1,0 +1,154 @@
+//! Container metadata end to end: a real server process placed in a cgroup shaped like a
+//! Kubernetes container's (cgroup v2, systemd driver, containerd) gets `container.id` and
+//! `k8s.pod.uid` on its spans; a host process gets neither; the node name from the downward-API
+//! variable is a resource attribute of every span.
+
+use std::{path::PathBuf, time::Duration};
+
+use hoptrace_tests::{agent::Agent, receiver::OtlpReceiver};
+use xtask::lab::{Host, Lab, LabConfig, PERSONA_IP, PYTHON_PORT};
+
+const CONTAINER_ID: &str = "9c3e1f0a7b2d4c6e8f1a3b5c7d9e0f2a4b6c8d0e1f3a5b7c9d1e3f5a7b9c1d3e";
+const POD_UID: &str = "6b1f2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+/// Where the unified (v2) hierarchy is mounted on these hosts (hybrid: v1 controllers beside).
+const UNIFIED: &str = "/sys/fs/cgroup/unified";
+
+/// A cgroup tree like a kubelet's, removed with the processes moved back out on drop.
+struct PodCgroup {
+    top: PathBuf,
+    leaf: PathBuf,
+}
+
+impl PodCgroup {
+    fn create() -> Self {
+        let root = if std::path::Path::new(UNIFIED).join("cgroup.procs").exists() {
+            PathBuf::from(UNIFIED)
+        } else {
+            PathBuf::from("/sys/fs/cgroup")
+        };
+        let top = root.join(format!("hoptrace-e2e-{}.slice", std::process::id()));
+        let leaf = top
+            .join(format!(
+                "kubepods-besteffort-pod{}.slice",
+                POD_UID.replace('-', "_")
+            ))
+            .join(format!("cri-containerd-{CONTAINER_ID}.scope"));
+        std::fs::create_dir_all(&leaf).expect("creating the test cgroup");
+        Self { top, leaf }
+    }
+
+    fn enter(&self, pid: u32) {
+        std::fs::write(self.leaf.join("cgroup.procs"), pid.to_string()).expect("moving the server");
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        let root = self.top.parent().unwrap().join("cgroup.procs");
+        if let Ok(pids) = std::fs::read_to_string(self.leaf.join("cgroup.procs")) {
+            for pid in pids.lines() {
+                let _ = std::fs::write(&root, pid);
+            }
+        }
+        let mut dir = self.leaf.clone();
+        while dir.starts_with(&self.top) {
+            let _ = std::fs::remove_dir(&dir);
+            dir.pop();
+        }
+    }
+}
+
+#[test]
+fn spans_of_a_containerized_server_carry_its_container_id_and_pod_uid() {
+    let lab = Lab::start(LabConfig::default()).expect("lab");
+    let receiver = OtlpReceiver::start().expect("receiver");
+    let cgroup = PodCgroup::create();
+    let port = PYTHON_PORT + 1;
+    let server = lab
+        .spawn(
+            Host::Persona,
+            &[
+                "python3",
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                &PERSONA_IP.to_string(),
+            ],
+        )
+        .expect("python server");
+    cgroup.enter(server.pid());
+    let endpoint = receiver.grpc_endpoint();
+    let _agent = Agent::start(
+        &["--netns", lab.netns(Host::Persona).name()],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("HOPTRACE_NODE_NAME", "lab-node-1"),
+        ],
+    )
+    .expect("agent");
+    let curl = |url: &str| {
+        // The server may still be starting: curl retries refused connections.
+        lab.run(
+            Host::Agent,
+            &[
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "5",
+                "--retry",
+                "20",
+                "--retry-connrefused",
+                "--retry-delay",
+                "1",
+                url,
+            ],
+        )
+        .expect("curl");
+    };
+    curl(&format!("http://{PERSONA_IP}:{port}/"));
+    curl(&lab.nginx_url("/"));
+    let persona_request = |spans: &[hoptrace_tests::receiver::ReceivedSpan], server_port: i64| {
+        spans
+            .iter()
+            .find(|s| {
+                s.attr_str("hoptrace.hop") == Some("persona")
+                    && s.attr_str("http.request.method").is_some()
+                    && s.attr_i64("server.port") == Some(server_port)
+            })
+            .cloned()
+    };
+    let spans = receiver
+        .try_wait_for_spans(
+            |spans| {
+                persona_request(spans, port.into()).is_some()
+                    && persona_request(spans, 80).is_some()
+            },
+            Duration::from_secs(20),
+        )
+        .expect("persona request spans of both servers");
+    let contained = persona_request(&spans, port.into()).unwrap();
+    assert_eq!(
+        contained.attr_i64("process.pid"),
+        Some(i64::from(server.pid()))
+    );
+    assert_eq!(
+        contained.attr_str("container.id"),
+        Some(CONTAINER_ID),
+        "{contained:#?}"
+    );
+    assert_eq!(
+        contained.attr_str("k8s.pod.uid"),
+        Some(POD_UID),
+        "{contained:#?}"
+    );
+    let host = persona_request(&spans, 80).unwrap();
+    assert_eq!(host.attr_str("container.id"), None, "{host:#?}");
+    assert_eq!(host.attr_str("k8s.pod.uid"), None, "{host:#?}");
+    for span in [&contained, &host] {
+        assert_eq!(span.resource_str("k8s.node.name"), Some("lab-node-1"));
+    }
+}
