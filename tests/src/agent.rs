@@ -67,9 +67,24 @@ impl Agent {
 
     /// Starts `hoptrace agent ARGS` with extra environment and waits for it to be attached.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_command("agent", READY, args, env)
+    }
+
+    /// Starts `hoptrace correlate ARGS` and waits until it listens.
+    pub fn start_correlator(args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_command("correlate", "hoptrace correlate ready", args, env)
+    }
+
+    /// Starts `hoptrace SUBCOMMAND ARGS` and waits for the line `ready` on its stderr.
+    fn start_command(
+        subcommand: &str,
+        ready: &'static str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let mut command = Command::new(hoptrace_bin()?);
         command
-            .arg("agent")
+            .arg(subcommand)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -83,7 +98,9 @@ impl Agent {
         }
         command.env("OTEL_BSP_SCHEDULE_DELAY", "100");
         command.envs(env.iter().copied());
-        let mut child = command.spawn().context("spawning hoptrace agent")?;
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("spawning hoptrace {subcommand}"))?;
         let stderr = Arc::new(Mutex::new(String::new()));
         let stdout = Arc::new(Mutex::new(String::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -91,7 +108,7 @@ impl Agent {
         let sink = stderr.clone();
         thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if line.contains(READY) {
+                if line.contains(ready) {
                     let _ = ready_tx.send(());
                 }
                 sink.lock().unwrap().push_str(&(line + "\n"));
@@ -116,12 +133,15 @@ impl Agent {
             }
             if let Some(status) = agent.child.as_mut().unwrap().try_wait()? {
                 bail!(
-                    "hoptrace agent exited with {status} before it was ready:\n{}",
+                    "hoptrace {subcommand} exited with {status} before it was ready:\n{}",
                     agent.stderr()
                 );
             }
             if Instant::now() > deadline {
-                bail!("hoptrace agent not ready after 30 s:\n{}", agent.stderr());
+                bail!(
+                    "hoptrace {subcommand} not ready after 30 s:\n{}",
+                    agent.stderr()
+                );
             }
         }
     }

@@ -1,5 +1,6 @@
 pub mod agent;
 pub mod bpf_objects;
+pub mod firewall;
 pub mod receiver;
 
 /// Timing checks of the end-to-end tests: the lab's delays are exact to well under this.

@@ -38,7 +38,7 @@ pub struct AgentOptions {
     pub ring_buffer_bytes: u32,
     /// How long Ctrl-C / SIGTERM may take to flush pending spans.
     pub shutdown_timeout: Duration,
-    /// How often the clock offset is re-sampled and the counters checked.
+    /// How often the kernel counters are checked.
     pub report_interval: Duration,
     /// Serve Prometheus metrics here.
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -74,7 +74,12 @@ impl Pipeline<'_> {
         for mut span in self.spans.drain(..) {
             self.containers.annotate(&mut span);
             let before = self.joined.len();
-            self.correlator.observe(&span, &mut self.joined);
+            self.correlator.observe(
+                &span,
+                &correlate::ClockInfo::this_host(),
+                span.end_ns,
+                &mut self.joined,
+            );
             if let Some(hops) = &mut self.hops {
                 hops.record(&span, &self.joined[before..]);
             }
@@ -108,7 +113,19 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     // AsyncFd is dropped at the end of this function.
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
-    let (sink, exporter) = export::start(&options.export)?;
+    // The clock state as the agent starts: a correlator compares it across hosts.
+    let clock_state = clock::ClockState::read();
+    let resource = opentelemetry_sdk::Resource::builder_empty()
+        .with_attributes(
+            options
+                .export
+                .resource()
+                .iter()
+                .map(|(k, v)| opentelemetry::KeyValue::new(k.clone(), v.clone()))
+                .chain(clock_state.attributes()),
+        )
+        .build();
+    let (sink, exporter) = export::start(&options.export, resource)?;
     let mut assembler = Assembler::new(requests::Config {
         sampler,
         untraced: options.untraced,
@@ -191,6 +208,9 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 guard.clear_ready();
             }
             _ = sweep.tick() => {
+                // Often: two agents on one kernel map its clock to wall time alike only when
+                // neither lags behind an NTP slew (a correlator compares their times).
+                clock = Clock::sample();
                 pipeline.assembler.sweep(clock::monotonic_now_ns(), &mut pipeline.spans);
                 if let Some(go_tls) = &mut go_tls {
                     go_tls.rescan(&mut object);
@@ -217,7 +237,6 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = report.tick() => {
-                clock = Clock::sample();
                 check_kernel_counters(&object, &mut counts);
             }
         }
@@ -231,13 +250,10 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     pipeline.assembler.flush(&mut pipeline.spans);
     pipeline.emit(&clock);
     let request_stats = pipeline.assembler.stats.summary();
-    let join = &pipeline.correlator.stats;
     let go_stats = go_tls.map(|g| format!("; {}", g.stats.summary()));
     let request_stats = format!(
-        "{request_stats}; firewall joins {}, one-sided {}, inconsistent {}{}",
-        join.joined,
-        join.one_sided,
-        join.inconsistent,
+        "{request_stats}; {}{}",
+        pipeline.correlator.stats.summary(),
         go_stats.unwrap_or_default()
     );
     drop(pipeline);

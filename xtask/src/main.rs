@@ -42,6 +42,10 @@ enum Task {
     /// The tracer's overhead: wrk against nginx in the lab, alternating runs without and with
     /// the agent; prints ratios and PASS/FAIL against the targets.
     Bench(xtask::bench::BenchArgs),
+    /// Firewall attribution against packet captures on the fw's interfaces: two agents and
+    /// the correlator, L3 forwarder and haproxy, asymmetric delays; prints |error| median/p99
+    /// of forward, return and total, and fails when the target is missed.
+    Accuracy,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,6 +63,22 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::Bench(args) => xtask::bench::run(args),
+        // The measurement is the ignored end-to-end test tests/tests/accuracy.rs: it shares
+        // the tests' harness (agents, correlator, receiver, haproxy).
+        Task::Accuracy => {
+            let bin = build_hoptrace()?;
+            let status = cargo()
+                .args(["test", "-p", "hoptrace-tests", "--test", "accuracy", "--"])
+                .args(["--ignored", "--nocapture"])
+                .env("HOPTRACE_BIN", &bin)
+                .current_dir(workspace_root())
+                .status()
+                .context("running cargo test")?;
+            if !status.success() {
+                bail!("accuracy target missed (or the benchmark failed)");
+            }
+            Ok(())
+        }
     }
 }
 

@@ -39,7 +39,9 @@ pub struct OtlpClient {
 enum Transport {
     Grpc(tonic::client::Grpc<Channel>),
     Http {
-        client: HyperClient<HttpConnector, Full<Bytes>>,
+        /// Boxed: with hyper's HTTP/2 (which the correlator's receiver needs) the client's
+        /// settings are far larger than the gRPC channel.
+        client: Box<HyperClient<HttpConnector, Full<Bytes>>>,
         url: hyper::Uri,
         json: bool,
     },
@@ -74,7 +76,7 @@ impl OtlpClient {
                         "OTLP endpoint {endpoint:?}: only http:// is supported (put TLS in a local collector)"
                     );
                 }
-                let client = HyperClient::builder(TokioExecutor::new()).build_http();
+                let client = Box::new(HyperClient::builder(TokioExecutor::new()).build_http());
                 Transport::Http {
                     client,
                     url,

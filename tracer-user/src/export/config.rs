@@ -73,6 +73,14 @@ pub struct ExportFlags {
 }
 
 impl ExportConfig {
+    /// From the process environment alone (the correlator's; the agent's settings layer a
+    /// config file under it). An empty variable counts as unset.
+    pub fn from_env(flags: &ExportFlags) -> Result<Self, String> {
+        Self::from_lookup(flags, |key| {
+            std::env::var(key).ok().filter(|v| !v.trim().is_empty())
+        })
+    }
+
     /// `lookup` reads one variable; separate from the process environment for tests.
     pub fn from_lookup(
         flags: &ExportFlags,

@@ -2,6 +2,10 @@
 //! and sends them to the configured receiver (gRPC or HTTP), several batches in flight, or
 //! prints them on the terminal when no endpoint is configured. A full queue or a failing
 //! collector never blocks the agent: spans are dropped and counted.
+//!
+//! The queue carries hoptrace's own spans (exported under the resource given to `start`) and,
+//! in the correlator, spans received over OTLP, which go on unchanged under their sender's
+//! resource in the same requests.
 
 mod client;
 mod config;
@@ -17,6 +21,9 @@ use std::{
 };
 
 pub use config::{ExportConfig, ExportFlags, Protocol, Target};
+use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
+use opentelemetry_sdk::Resource;
+pub use otlp::attribute_text;
 use tokio::{
     sync::{Semaphore, mpsc},
     task::JoinSet,
@@ -48,26 +55,61 @@ impl ExportStats {
     }
 }
 
-/// The agent's handle: converts and enqueues spans without ever waiting.
+/// What the queue carries.
+enum Item {
+    /// One of hoptrace's spans, whose kernel times the clock turns into Unix time.
+    Hop(HopSpan, Clock),
+    /// Spans received over OTLP, passed on as they came under their sender's resource.
+    Forwarded(ResourceSpans),
+}
+
+impl Item {
+    fn spans(&self) -> u64 {
+        match self {
+            Self::Hop(..) => 1,
+            Self::Forwarded(resource_spans) => span_count(resource_spans),
+        }
+    }
+}
+
+fn span_count(resource_spans: &ResourceSpans) -> u64 {
+    resource_spans
+        .scope_spans
+        .iter()
+        .map(|scope| scope.spans.len() as u64)
+        .sum()
+}
+
+/// The agent's handle: enqueues spans without ever waiting.
 #[derive(Clone)]
 pub struct SpanSink {
-    sender: Option<mpsc::Sender<(HopSpan, Clock)>>,
+    sender: Option<mpsc::Sender<Item>>,
     stats: Arc<ExportStats>,
 }
 
 impl SpanSink {
     /// Queues `span`, whose kernel times `clock` turns into Unix time.
     pub fn send(&self, span: HopSpan, clock: &Clock) {
+        self.enqueue(Item::Hop(span, *clock));
+    }
+
+    /// Queues spans received over OTLP, to be exported unchanged under their own resource.
+    pub fn forward(&self, resource_spans: ResourceSpans) {
+        self.enqueue(Item::Forwarded(resource_spans));
+    }
+
+    fn enqueue(&self, item: Item) {
         let Some(sender) = &self.sender else { return };
-        match sender.try_send((span, *clock)) {
+        let spans = item.spans();
+        match sender.try_send(item) {
             Ok(()) => {
-                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+                self.stats.queued.fetch_add(spans, Ordering::Relaxed);
             }
             Err(_) => {
                 if self
                     .stats
                     .dropped_queue_full
-                    .fetch_add(1, Ordering::Relaxed)
+                    .fetch_add(spans, Ordering::Relaxed)
                     == 0
                 {
                     log::warn!(
@@ -86,13 +128,11 @@ impl SpanSink {
     }
 }
 
+/// Where encoded batches go.
 enum Exporter {
     Terminal(terminal::TerminalExporter),
     /// Boxed: much larger than the terminal printer, and there is one per agent.
-    Otlp {
-        client: Box<client::OtlpClient>,
-        resource: opentelemetry_sdk::Resource,
-    },
+    Otlp(Box<client::OtlpClient>),
 }
 
 pub struct Pipeline {
@@ -100,8 +140,9 @@ pub struct Pipeline {
     stats: Arc<ExportStats>,
 }
 
-/// Starts the export pipeline on the current tokio runtime.
-pub fn start(config: &ExportConfig) -> anyhow::Result<(SpanSink, Pipeline)> {
+/// Starts the export pipeline on the current tokio runtime; hoptrace's own spans carry
+/// `resource` (normally `config.resource()`, plus what the caller knows about itself).
+pub fn start(config: &ExportConfig, resource: Resource) -> anyhow::Result<(SpanSink, Pipeline)> {
     let stats = Arc::new(ExportStats::default());
     let exporter = match &config.target {
         Target::Disabled(why) => {
@@ -120,7 +161,7 @@ pub fn start(config: &ExportConfig) -> anyhow::Result<(SpanSink, Pipeline)> {
         }
         Target::Terminal => {
             log::info!("no OTLP endpoint configured: printing spans to the terminal");
-            Exporter::Terminal(terminal::TerminalExporter::new(config.resource()))
+            Exporter::Terminal(terminal::TerminalExporter::default())
         }
         Target::Otlp { endpoint, protocol } => {
             log::info!(
@@ -133,15 +174,13 @@ pub fn start(config: &ExportConfig) -> anyhow::Result<(SpanSink, Pipeline)> {
                 config.headers.as_deref(),
                 config.export_timeout,
             )?;
-            Exporter::Otlp {
-                client: Box::new(client),
-                resource: config.resource(),
-            }
+            Exporter::Otlp(Box::new(client))
         }
     };
     let (sender, receiver) = mpsc::channel(config.max_queue_size);
     let task = tokio::spawn(batch_loop(
         receiver,
+        otlp::BatchEncoder::new(&resource),
         exporter,
         config.clone(),
         stats.clone(),
@@ -177,40 +216,13 @@ impl Pipeline {
     }
 }
 
-/// Spans collected for the next export: printed lines or an OTLP request being encoded.
-enum Batch {
-    Terminal(terminal::TerminalExporter, Vec<(HopSpan, Clock)>),
-    Otlp(otlp::BatchEncoder, Box<client::OtlpClient>),
-}
-
-impl Batch {
-    fn len(&self) -> usize {
-        match self {
-            Self::Terminal(_, spans) => spans.len(),
-            Self::Otlp(encoder, _) => encoder.len(),
-        }
-    }
-
-    fn push(&mut self, span: HopSpan, clock: Clock) {
-        match self {
-            Self::Terminal(_, spans) => spans.push((span, clock)),
-            Self::Otlp(encoder, _) => encoder.push(&span, &clock),
-        }
-    }
-}
-
 async fn batch_loop(
-    mut receiver: mpsc::Receiver<(HopSpan, Clock)>,
-    exporter: Exporter,
+    mut receiver: mpsc::Receiver<Item>,
+    mut batch: otlp::BatchEncoder,
+    mut exporter: Exporter,
     config: ExportConfig,
     stats: Arc<ExportStats>,
 ) {
-    let mut batch = match exporter {
-        Exporter::Terminal(printer) => Batch::Terminal(printer, Vec::new()),
-        Exporter::Otlp { client, resource } => {
-            Batch::Otlp(otlp::BatchEncoder::new(&resource), client)
-        }
-    };
     let mut tick = tokio::time::interval(config.schedule_delay);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
@@ -218,9 +230,12 @@ async fn batch_loop(
     let failures = Arc::new(Failures::default());
     loop {
         let closed = tokio::select! {
-            span = receiver.recv() => match span {
-                Some((span, clock)) => {
-                    batch.push(span, clock);
+            item = receiver.recv() => match item {
+                Some(item) => {
+                    match item {
+                        Item::Hop(span, clock) => batch.push(&span, &clock),
+                        Item::Forwarded(resource_spans) => batch.push_forwarded(&resource_spans),
+                    }
                     if batch.len() < config.max_export_batch_size {
                         continue;
                     }
@@ -234,14 +249,14 @@ async fn batch_loop(
         while sending.try_join_next().is_some() {}
         let count = batch.len() as u64;
         if count > 0 {
-            match &mut batch {
-                Batch::Terminal(printer, spans) => {
-                    printer.print(spans);
-                    spans.clear();
+            let request = batch.take_request();
+            match &mut exporter {
+                Exporter::Terminal(printer) => {
+                    printer.print(&request);
                     stats.exported.fetch_add(count, Ordering::Relaxed);
                 }
-                Batch::Otlp(encoder, client) => {
-                    let request = bytes::Bytes::from(encoder.take_request());
+                Exporter::Otlp(client) => {
+                    let request = bytes::Bytes::from(request);
                     // Waits when MAX_IN_FLIGHT batches are out: the queue then fills and drops
                     // (counted) instead of memory growing without bound.
                     let Ok(permit) = in_flight.clone().acquire_owned().await else {

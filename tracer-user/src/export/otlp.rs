@@ -8,10 +8,23 @@
 //! in the overhead benchmark). Here a span is written field by field into the batch's buffer:
 //! no allocation per span once the buffers have grown. The tests decode the bytes with the
 //! official generated types (opentelemetry-proto) to show they are what the spec says.
+//!
+//! Spans received over OTLP (the correlator's) arrive as the generated types and go into the
+//! same request as further `resource_spans`, encoded by prost, so that each keeps its sender's
+//! resource.
+
+use std::borrow::Cow;
 
 use opentelemetry::Value as OtelValue;
+use opentelemetry_proto::tonic::{
+    common::v1::{KeyValue as ProtoKeyValue, any_value},
+    trace::v1::ResourceSpans,
+};
 use opentelemetry_sdk::Resource;
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+use prost::{
+    Message as _,
+    encoding::{WireType, encode_key, encode_varint, encoded_len_varint},
+};
 
 use crate::{
     clock::Clock,
@@ -48,6 +61,10 @@ pub struct BatchEncoder {
     /// Repeated `ScopeSpans.spans` fields (key, length, `Span`) of the spans so far.
     spans: Vec<u8>,
     count: usize,
+    /// Received spans: repeated `ExportTraceServiceRequest.resource_spans` fields, and how
+    /// many spans they hold.
+    forwarded: Vec<u8>,
+    forwarded_count: usize,
     /// Reused for each span before its length is known.
     scratch: Vec<u8>,
 }
@@ -68,12 +85,15 @@ impl BatchEncoder {
             scope,
             spans: Vec::new(),
             count: 0,
+            forwarded: Vec::new(),
+            forwarded_count: 0,
             scratch: Vec::new(),
         }
     }
 
+    /// Spans in the batch, hoptrace's and forwarded.
     pub fn len(&self) -> usize {
-        self.count
+        self.count + self.forwarded_count
     }
 
     /// Appends `span`, its kernel times turned into Unix time by `clock`.
@@ -84,18 +104,42 @@ impl BatchEncoder {
         self.count += 1;
     }
 
+    /// Appends spans received over OTLP as they are, under their own resource and scopes.
+    pub fn push_forwarded(&mut self, resource_spans: &ResourceSpans) {
+        put_header(&mut self.forwarded, 1, resource_spans.encoded_len());
+        resource_spans.encode_raw(&mut self.forwarded);
+        self.forwarded_count += resource_spans
+            .scope_spans
+            .iter()
+            .map(|scope| scope.spans.len())
+            .sum::<usize>();
+    }
+
     /// The `ExportTraceServiceRequest` of the spans so far; the encoder is empty afterwards.
+    /// hoptrace's own spans are left out only when there are none and forwarded spans fill
+    /// the request (an empty batch is still a valid request).
     pub fn take_request(&mut self) -> Vec<u8> {
         let scope_spans_len = field_len(1, self.scope.len()) + self.spans.len();
         let resource_spans_len = field_len(1, self.resource.len()) + field_len(2, scope_spans_len);
-        let mut out = Vec::with_capacity(field_len(1, resource_spans_len));
-        put_header(&mut out, 1, resource_spans_len);
-        put_bytes(&mut out, 1, &self.resource);
-        put_header(&mut out, 2, scope_spans_len);
-        put_bytes(&mut out, 1, &self.scope);
-        out.extend_from_slice(&self.spans);
+        let own = self.count > 0 || self.forwarded.is_empty();
+        let own_len = if own {
+            field_len(1, resource_spans_len)
+        } else {
+            0
+        };
+        let mut out = Vec::with_capacity(own_len + self.forwarded.len());
+        if own {
+            put_header(&mut out, 1, resource_spans_len);
+            put_bytes(&mut out, 1, &self.resource);
+            put_header(&mut out, 2, scope_spans_len);
+            put_bytes(&mut out, 1, &self.scope);
+            out.extend_from_slice(&self.spans);
+        }
+        out.extend_from_slice(&self.forwarded);
         self.spans.clear();
         self.count = 0;
+        self.forwarded.clear();
+        self.forwarded_count = 0;
         out
     }
 }
@@ -164,6 +208,19 @@ fn put_key_value(buf: &mut Vec<u8>, key: &str, value: &AnyValue<'_>) {
     });
 }
 
+/// An OTLP attribute as text: strings as they are, scalars in their usual form; None for
+/// arrays, maps and bytes, and when absent.
+pub fn attribute_text<'a>(attributes: &'a [ProtoKeyValue], key: &str) -> Option<Cow<'a, str>> {
+    let value = attributes.iter().find(|kv| kv.key == key)?.value.as_ref()?;
+    match value.value.as_ref()? {
+        any_value::Value::StringValue(s) => Some(Cow::Borrowed(s)),
+        any_value::Value::IntValue(i) => Some(Cow::Owned(i.to_string())),
+        any_value::Value::BoolValue(b) => Some(Cow::Owned(b.to_string())),
+        any_value::Value::DoubleValue(d) => Some(Cow::Owned(d.to_string())),
+        _ => None,
+    }
+}
+
 /// Bytes a length-delimited field `tag` of `len` bytes takes.
 fn field_len(tag: u32, len: usize) -> usize {
     prost::encoding::key_len(tag) + encoded_len_varint(len as u64) + len
@@ -227,11 +284,10 @@ fn put_message(buf: &mut Vec<u8>, tag: u32, body: impl FnOnce(&mut Vec<u8>)) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use opentelemetry::KeyValue;
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::common::v1::any_value;
-    use prost::Message as _;
 
     use super::*;
     use crate::span::SpanIds;
@@ -263,6 +319,24 @@ mod tests {
                 ("response.nic_ingress", 30_000_000),
             ],
         }
+    }
+
+    /// An attribute as received.
+    pub fn key_value(key: &str, value: any_value::Value) -> ProtoKeyValue {
+        ProtoKeyValue {
+            key: key.into(),
+            value: Some(opentelemetry_proto::tonic::common::v1::AnyValue { value: Some(value) }),
+            ..Default::default()
+        }
+    }
+
+    /// An encoder whose own spans are `service`'s.
+    pub fn encoder_of(service: &'static str) -> BatchEncoder {
+        BatchEncoder::new(
+            &Resource::builder_empty()
+                .with_attributes([KeyValue::new("service.name", service)])
+                .build(),
+        )
     }
 
     fn decode(bytes: &[u8]) -> ExportTraceServiceRequest {
@@ -358,6 +432,105 @@ mod tests {
             (status.code, status.message.as_str()),
             (2, "connection reset")
         );
+    }
+
+    /// Spans as another host's agent (or any SDK) sent them, with what hoptrace never writes.
+    fn received(service: &str, spans: usize) -> ResourceSpans {
+        use opentelemetry_proto::tonic::{
+            common::v1::{AnyValue as ProtoAnyValue, ArrayValue, InstrumentationScope},
+            resource::v1::Resource as ProtoResource,
+            trace::v1::{ScopeSpans, Span, Status, span, status},
+        };
+        let value = |value| ProtoAnyValue { value: Some(value) };
+        let attributes = vec![
+            key_value(
+                "service.name",
+                any_value::Value::StringValue(service.into()),
+            ),
+            key_value("ratio", any_value::Value::DoubleValue(0.25)),
+            key_value(
+                "list",
+                any_value::Value::ArrayValue(ArrayValue {
+                    values: vec![
+                        value(any_value::Value::IntValue(1)),
+                        value(any_value::Value::BytesValue(vec![0, 1])),
+                    ],
+                }),
+            ),
+        ];
+        let span = |i: usize| Span {
+            trace_id: vec![0x12; 16],
+            span_id: vec![i as u8 + 1; 8],
+            parent_span_id: vec![0x34; 8],
+            flags: 0x301,
+            name: format!("span {i}"),
+            kind: span::SpanKind::Server as i32,
+            start_time_unix_nano: 1_700_000_000_000_000_000,
+            end_time_unix_nano: 1_700_000_000_000_250_000,
+            attributes: attributes.clone(),
+            dropped_attributes_count: 2,
+            events: vec![span::Event {
+                time_unix_nano: 1_700_000_000_000_100_000,
+                name: "request.nic_ingress".into(),
+                attributes: attributes.clone(),
+                dropped_attributes_count: 1,
+            }],
+            links: vec![span::Link {
+                trace_id: vec![0x56; 16],
+                span_id: vec![0x78; 8],
+                trace_state: "a=b".into(),
+                attributes: attributes.clone(),
+                dropped_attributes_count: 0,
+                flags: 0x101,
+            }],
+            dropped_links_count: 3,
+            status: Some(Status {
+                message: "ok".into(),
+                code: status::StatusCode::Ok as i32,
+            }),
+            ..Default::default()
+        };
+        ResourceSpans {
+            resource: Some(ProtoResource {
+                attributes: attributes.clone(),
+                dropped_attributes_count: 4,
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(InstrumentationScope {
+                    name: "sdk".into(),
+                    version: "1.2".into(),
+                    attributes: attributes.clone(),
+                    dropped_attributes_count: 0,
+                }),
+                spans: (0..spans).map(span).collect(),
+                schema_url: "https://opentelemetry.io/schemas/1.26.0".into(),
+            }],
+            schema_url: "https://opentelemetry.io/schemas/1.26.0".into(),
+        }
+    }
+
+    #[test]
+    fn received_spans_go_on_unchanged_next_to_hoptraces_own() {
+        let mut batch = encoder_of("hoptrace-correlate");
+        let (agent, persona) = (received("agent-host", 2), received("persona-host", 1));
+        batch.push_forwarded(&agent);
+        batch.push(&span(Some([0x11; 8]), None), &Clock::sample());
+        batch.push_forwarded(&persona);
+        assert_eq!(batch.len(), 4);
+        let request = decode(&batch.take_request());
+        let [own, first, second] = &request.resource_spans[..] else {
+            panic!("three resource spans: {request:#?}")
+        };
+        assert_eq!(own.scope_spans[0].spans.len(), 1);
+        assert_eq!((first, second), (&agent, &persona));
+
+        // Only received spans: no empty entry for the correlator's own resource.
+        batch.push_forwarded(&persona);
+        assert_eq!(decode(&batch.take_request()).resource_spans, [persona]);
+        assert_eq!(batch.len(), 0);
+        let request = decode(&batch.take_request());
+        assert!(request.resource_spans[0].scope_spans[0].spans.is_empty());
     }
 
     #[test]

@@ -1,0 +1,289 @@
+//! What the firewall tests share, one agent watching both sides (tests/firewall.rs) or two
+//! agents and the correlator (tests/correlator.rs): the requests, the haproxy in the fw, and
+//! the checks of the firewall spans at the receiver.
+
+use std::{net::TcpListener, time::Duration};
+
+use xtask::lab::{Background, Direction, FW_AGENT_IP, Host, Lab, LabConfig, PERSONA_IP};
+
+use crate::{
+    agent::Agent,
+    receiver::{OtlpReceiver, ReceivedSpan},
+};
+
+pub const PARENT_ID: &str = "00f067aa0ba902b7";
+/// Requests per test: one that opens the connection, then keep-alive ones.
+pub const REQUESTS: usize = 5;
+/// The delay holder releases packets up to ~0.4 ms late, and never early; a proxy adds its own
+/// (unbounded, on a loaded 2-core machine) scheduling time to each request. So every request's
+/// split is at least the injected delay, and the least delayed one is within this above it.
+pub const SPLIT_TOLERANCE: Duration = Duration::from_millis(1);
+/// Timestamps are taken on different CPUs: allow for their skew below the injected delay.
+pub const NEVER_EARLY_SLACK: Duration = Duration::from_micros(50);
+/// Sums on one clock: agent = forward + persona + return, up to the agent host's own kernel time.
+pub const SUM_TOLERANCE: Duration = Duration::from_micros(500);
+
+pub fn spans_of(
+    receiver: &OtlpReceiver,
+    trace_id: &str,
+    firewall_spans: usize,
+) -> Vec<ReceivedSpan> {
+    receiver
+        .try_wait_for_spans(
+            |spans| {
+                spans
+                    .iter()
+                    .filter(|s| s.trace_id == trace_id && s.name == "firewall")
+                    .count()
+                    >= firewall_spans
+            },
+            Duration::from_secs(15),
+        )
+        .unwrap_or_else(|e| panic!("waiting for {firewall_spans} firewall spans: {e:#}"))
+        .into_iter()
+        .filter(|s| s.trace_id == trace_id)
+        .collect()
+}
+
+fn within(actual: Duration, expected: Duration, tolerance: Duration, what: &str) {
+    assert!(
+        actual.abs_diff(expected) <= tolerance,
+        "{what}: {actual:?}, expected {expected:?} +- {tolerance:?}"
+    );
+}
+
+/// Checks every keep-alive request of `spans` (all but the first, which also opens the
+/// connection): parents, mode, split and sums.
+pub fn check_split(spans: &[ReceivedSpan], forward_ms: u64, return_ms: u64, mode: &str) {
+    let by = |name: &str, hop: &str| {
+        let mut found: Vec<&ReceivedSpan> = spans
+            .iter()
+            .filter(|s| s.name == name && s.attr_str("hoptrace.hop") == Some(hop))
+            .collect();
+        found.sort_by_key(|s| s.start_time_unix_nano);
+        found
+    };
+    let (agent, persona) = (by("GET", "agent"), by("GET", "persona"));
+    let (total, forward, back) = (
+        by("firewall", "firewall"),
+        by("firewall.forward", "firewall"),
+        by("firewall.return", "firewall"),
+    );
+    let n = REQUESTS;
+    assert_eq!(
+        (
+            agent.len(),
+            persona.len(),
+            total.len(),
+            forward.len(),
+            back.len()
+        ),
+        (n, n, n, n, n),
+        "{spans:#?}"
+    );
+    for span in total.iter().chain(&forward).chain(&back) {
+        assert_eq!(
+            span.parent_span_id, PARENT_ID,
+            "under the caller, like the agent and persona spans"
+        );
+        assert_eq!(span.attr_str("hoptrace.firewall.mode"), Some(mode));
+        assert!(
+            span.attr_str("hoptrace.uncertain").is_none(),
+            "NIC times on both sides: {span:#?}"
+        );
+    }
+    for (direction, spans, injected) in [
+        ("forward", &forward, forward_ms),
+        ("return", &back, return_ms),
+    ] {
+        let injected = Duration::from_millis(injected);
+        let keep_alive: Vec<Duration> = spans[1..].iter().map(|s| s.duration()).collect();
+        assert!(
+            spans
+                .iter()
+                .all(|s| s.attr_str("hoptrace.direction") == Some(direction))
+        );
+        assert!(
+            keep_alive
+                .iter()
+                .all(|d| *d + NEVER_EARLY_SLACK >= injected),
+            "{direction} below the injected delay: {keep_alive:?}"
+        );
+        within(
+            *keep_alive.iter().min().unwrap(),
+            injected,
+            SPLIT_TOLERANCE,
+            direction,
+        );
+    }
+    for i in 1..n {
+        // From the agent host's NIC and back, the request's time is exactly forward + persona +
+        // return (one clock, first bytes); the agent's whole span adds its own host's time on top (kernel,
+        // and the wait until curl runs again: unbounded on a loaded 2-core machine, so not
+        // checked).
+        let event = |span: &ReceivedSpan, name: &str| span.event(name).expect(name).time_unix_nano;
+        let agent_nic = Duration::from_nanos(
+            event(agent[i], "response.nic_ingress") - event(agent[i], "request.nic_egress"),
+        );
+        // The persona's part is first byte in to first byte out, like the split's ends; its
+        // span lasts to the last byte out (nginx's sendfile body may leave later).
+        let persona_nic = Duration::from_nanos(
+            event(persona[i], "response.nic_egress") - event(persona[i], "request.nic_ingress"),
+        );
+        let sum = forward[i].duration() + persona_nic + back[i].duration();
+        let what = format!(
+            "request {i}: agent (NIC to NIC) = forward + persona + return\n{:#?}",
+            [agent[i], persona[i], forward[i], back[i]]
+        );
+        within(agent_nic, sum, SUM_TOLERANCE, &what);
+        assert!(
+            agent[i].duration() >= agent_nic,
+            "the agent span contains its NIC-to-NIC part"
+        );
+        let total_ns = total[i]
+            .attr_i64("hoptrace.firewall.total_ns")
+            .expect("total") as u64;
+        within(
+            Duration::from_nanos(total_ns),
+            agent[i].duration() - persona[i].duration(),
+            Duration::ZERO,
+            "total",
+        );
+    }
+}
+
+/// Runs [`REQUESTS`] GETs with `traceparent` on one keep-alive connection from the agent host.
+pub fn curl_requests(lab: &Lab, url: &str, trace: &str) {
+    let header = format!("traceparent: 00-{trace}-{PARENT_ID}-01");
+    let mut args = vec!["curl", "-sS", "-H", header.as_str()];
+    for _ in 0..REQUESTS {
+        args.extend(["-o", "/dev/null", url]);
+    }
+    lab.run(Host::Agent, &args).unwrap();
+}
+
+/// The path haproxy answers itself (`HAPROXY_LOCAL_PATH`): a request the persona never sees.
+pub const HAPROXY_LOCAL_PATH: &str = "/fw-local";
+
+/// haproxy in the fw terminating TCP: agent -> fw:8080 -> persona:80, answering
+/// [`HAPROXY_LOCAL_PATH`] itself. Returns its URL once it serves.
+pub fn start_haproxy(lab: &Lab) -> (Background, String) {
+    let config = lab.temp_dir().join("haproxy.cfg");
+    std::fs::write(
+        &config,
+        format!(
+            "global\n  maxconn 1000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend fw\n  bind {FW_AGENT_IP}:8080\n  http-request return status 200 if {{ path {HAPROXY_LOCAL_PATH} }}\n  default_backend persona\n\
+             backend persona\n  server p {PERSONA_IP}:80\n"
+        ),
+    )
+    .unwrap();
+    let haproxy = lab
+        .spawn(
+            Host::Fw,
+            &["haproxy", "-db", "-f", config.to_str().unwrap()],
+        )
+        .expect("haproxy");
+    // Wait until haproxy listens.
+    let ready = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        lab.exec(
+            Host::Agent,
+            &[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                &format!("http://{FW_AGENT_IP}:8080/"),
+            ],
+        )
+        .status()
+        .is_ok_and(|s| s.success())
+    });
+    assert!(ready, "haproxy did not come up");
+    (haproxy, format!("http://{FW_AGENT_IP}:8080/"))
+}
+
+/// The lab the firewall tests use (nginx in the persona, no Python server).
+pub fn lab() -> Lab {
+    Lab::start(LabConfig {
+        python: false,
+        ..LabConfig::default()
+    })
+    .expect("lab")
+}
+
+/// The fw's per-direction delays, in ms.
+pub fn set_delays(lab: &Lab, forward_ms: u64, return_ms: u64) {
+    lab.set_delay(Direction::Forward, Duration::from_millis(forward_ms))
+        .unwrap();
+    lab.set_delay(Direction::Return, Duration::from_millis(return_ms))
+        .unwrap();
+}
+
+/// A port nobody listens on now (the correlator binds it right after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The correlator exporting to `receiver`, and an agent per side exporting to it.
+pub struct Deployment {
+    pub correlator: Agent,
+    _agents: [Agent; 2],
+}
+
+/// `join_window_s`: how long a side waits for the other.
+pub fn deploy_correlated(lab: &Lab, receiver: &OtlpReceiver, join_window_s: u64) -> Deployment {
+    let (grpc, http) = (free_port(), free_port());
+    let window = join_window_s.to_string();
+    let (grpc_listen, http_listen) = (format!("127.0.0.1:{grpc}"), format!("127.0.0.1:{http}"));
+    let endpoint = receiver.grpc_endpoint();
+    let correlator = Agent::start_correlator(
+        &[
+            "--grpc-listen",
+            &grpc_listen,
+            "--http-listen",
+            &http_listen,
+            "--join-window",
+            &window,
+        ],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_SERVICE_NAME", "hoptrace-correlator-test"),
+        ],
+    )
+    .expect("correlator");
+    let agent = |host: Host, endpoint: String, protocol: &str, service: &str| {
+        Agent::start(
+            &["--netns", lab.netns(host).name()],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
+                ("OTEL_SERVICE_NAME", service),
+            ],
+        )
+        .expect("agent")
+    };
+    let agents = [
+        agent(
+            Host::Agent,
+            format!("http://{grpc_listen}"),
+            "grpc",
+            "hoptrace-agent-side",
+        ),
+        agent(
+            Host::Persona,
+            format!("http://{http_listen}"),
+            "http/protobuf",
+            "hoptrace-persona-side",
+        ),
+    ];
+    Deployment {
+        correlator,
+        _agents: agents,
+    }
+}
