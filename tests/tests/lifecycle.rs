@@ -151,14 +151,17 @@ fn sigterm_with_a_collector_that_never_answers_stops_within_the_shutdown_timeout
     let took = started.elapsed();
     assert!(status.success(), "{status}");
     // The flush bound holds, and the agent says what it gave up. Detaching (an RCU grace
-    // period per link, slow on a loaded machine) and the process exit come on top of the 2 s.
+    // period per link, slow on a loaded machine) runs meanwhile; the last records' spans get
+    // half a second more when it takes longer than the bound.
     assert!(took < Duration::from_secs(6), "stopping took {took:?}");
     assert!(
         took >= Duration::from_secs(2),
         "did not wait for the export: {took:?}"
     );
     assert!(
-        agent.stderr().contains("export did not finish within 2s"),
+        agent
+            .stderr()
+            .contains("export did not finish within the shutdown bound"),
         "{}",
         agent.stderr()
     );

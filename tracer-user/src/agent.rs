@@ -48,6 +48,9 @@ pub struct AgentOptions {
 /// 4 MiB ring holds at 100k records/s (~40 ms), and spans leave in batches anyway.
 const RING_GATHER: Duration = Duration::from_millis(1);
 
+/// The least time the last spans get to leave when detaching took the whole shutdown bound.
+const FINAL_FLUSH_MIN: Duration = Duration::from_millis(500);
+
 #[derive(Default)]
 struct Counts {
     records: u64,
@@ -243,9 +246,23 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     }
 
     log::info!("stopping: detaching probes and flushing spans");
-    // Detach first so nothing new arrives, then take what the kernel already wrote.
+    // The flush bound counts from the signal. Detaching runs meanwhile on a blocking thread:
+    // each tracepoint's detach waits for an RCU grace period in the kernel (60-300 ms each on
+    // a loaded 2-core VM, seconds for all), while spans already queued keep being exported
+    // and the ring buffer keeps being read. Then what the kernel wrote last is taken.
+    let flush_deadline = tokio::time::Instant::now() + options.shutdown_timeout;
     let kernel_counters = ebpf::read_counters(&object).ok();
-    drop(object);
+    let mut detach = tokio::task::spawn_blocking(move || drop(object));
+    loop {
+        tokio::select! {
+            _ = &mut detach => break,
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), &mut pipeline, &clock, &mut counts);
+                guard.clear_ready();
+            }
+        }
+    }
     drain(ring.get_mut(), &mut pipeline, &clock, &mut counts);
     pipeline.assembler.flush(&mut pipeline.spans);
     pipeline.emit(&clock);
@@ -268,7 +285,11 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     };
     let stats = sink.stats();
     drop(sink);
-    exporter.shutdown(options.shutdown_timeout).await;
+    // What is left of the bound, but a moment at least for the spans of the last records.
+    let left = flush_deadline.saturating_duration_since(tokio::time::Instant::now());
+    exporter
+        .shutdown(left.max(FINAL_FLUSH_MIN.min(options.shutdown_timeout)))
+        .await;
     if let Some((server, _)) = metrics {
         server.abort();
     }

@@ -210,7 +210,8 @@ impl Pipeline {
             let pending = stats.queued.load(Ordering::Relaxed).saturating_sub(done);
             stats.failed.fetch_add(pending, Ordering::Relaxed);
             log::warn!(
-                "export did not finish within {timeout:?}: {pending} pending spans lost (counted as failed)"
+                "export did not finish within the shutdown bound ({timeout:?} left for it): \
+                 {pending} pending spans lost (counted as failed)"
             );
         }
     }
