@@ -7,6 +7,7 @@ mod conn_spans;
 mod containers;
 mod correlate;
 mod decode;
+mod early_receives;
 mod ebpf;
 mod export;
 mod go_tls;
