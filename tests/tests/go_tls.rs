@@ -214,8 +214,9 @@ fn self_built_go_server_and_client_yield_persona_and_agent_spans() {
     let span = wait_request_span(&receiver, &agent, "persona", trace_id);
     assert_go_server_span(&span, trace_id, "/from-curl", "https");
 
-    // The Go client on the agent side: its Write carries the traceparent. It starts after the
-    // agent and waits 1.5 s before its request, so the agent's scan (every 0.5 s) finds it.
+    // The Go client on the agent side: its Write carries the traceparent. It runs the server's
+    // executable, whose probes (on the file) cover it from its start: no scan needed. It writes
+    // and reads on two goroutines, so its response's record may come before its request's.
     let client = go_binary(GoProgram::Https).unwrap();
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4703";
     let url = format!("https://{PERSONA_IP}:8444/from-go");
@@ -226,8 +227,6 @@ fn self_built_go_server_and_client_yield_persona_and_agent_spans() {
             Host::Agent,
             &[
                 client.to_str().unwrap(),
-                "-delay",
-                "1500ms",
                 "-get",
                 &url,
                 "-ca",

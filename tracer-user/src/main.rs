@@ -9,6 +9,7 @@ mod containers;
 mod correlate;
 mod correlator;
 mod decode;
+mod early_receives;
 mod ebpf;
 mod export;
 mod go_tls;

@@ -25,6 +25,7 @@ use tracer_common::{
 
 use crate::{
     conn_spans::{self, HOP_AGENT, HOP_PERSONA},
+    early_receives::{Early, EarlyReceives},
     nic::NicTimes,
     sampling::{Sampler, Untraced},
     span::{HopSpan, Role, SpanIds, Value},
@@ -88,6 +89,9 @@ pub struct Stats {
     /// Data on a socket that never looked like HTTP/1.x (binary, TLS, HTTP/2...).
     pub non_http_records: u64,
     pub responses_unmatched: u64,
+    /// Receives on a client socket before its request's record (TLS plaintext of a client
+    /// that writes and reads on two threads): held, then replayed (early_receives.rs).
+    pub receives_early: u64,
     /// Requests whose response never came (reset, idle, socket forgotten).
     pub requests_unanswered: u64,
     pub requests_overflow: u64,
@@ -101,7 +105,7 @@ impl Stats {
         format!(
             "requests {}, request spans {}, not sampled {}, untraced ignored {}, invalid \
              traceparent {invalid} {:?}, truncated heads {}, malformed heads {}, non-HTTP records \
-             {}, unmatched responses {}, unanswered requests {}, pipelining overflow {}, sockets \
+             {}, unmatched responses {}, early receives held {}, unanswered requests {}, pipelining overflow {}, sockets \
              over capacity {}; {}",
             self.requests,
             self.spans,
@@ -112,6 +116,7 @@ impl Stats {
             self.heads_malformed,
             self.non_http_records,
             self.responses_unmatched,
+            self.receives_early,
             self.requests_unanswered,
             self.requests_overflow,
             self.sockets_over_capacity,
@@ -510,6 +515,8 @@ struct Socket {
     in_flight: VecDeque<Pending>,
     /// A response whose head was seen and whose body is still moving.
     answering: Option<Answer>,
+    /// Receives that came before the request they answer.
+    early: EarlyReceives,
 }
 
 /// A request with its response head, waiting for the response's last byte.
@@ -527,6 +534,8 @@ pub struct Assembler {
     sockets: HashMap<u64, Socket>,
     /// The NIC layer's timestamps, when the kernel gives them.
     nic: Option<Box<dyn NicTimes>>,
+    /// Receives held on all sockets (bounded by [`crate::early_receives::MAX_HELD`]).
+    early_held: usize,
     pub stats: Stats,
 }
 
@@ -543,6 +552,7 @@ impl Assembler {
             config,
             sockets: HashMap::new(),
             nic: None,
+            early_held: 0,
             stats: Stats::default(),
         }
     }
@@ -598,6 +608,7 @@ impl Assembler {
         self.on_record(&event.data, event.library_enter_ns, Some(from), out);
     }
 
+    /// A record in, and the receives it lets go when it put a request in flight.
     fn on_record(
         &mut self,
         event: &DataEvent,
@@ -605,6 +616,44 @@ impl Assembler {
         plaintext_from: Option<&'static str>,
         out: &mut Vec<HopSpan>,
     ) {
+        let replay = self.record(event, library_ns, plaintext_from, true, out);
+        for early in replay {
+            self.record(
+                &early.event,
+                early.library_ns,
+                early.plaintext_from,
+                true,
+                out,
+            );
+        }
+    }
+
+    /// Processes the receives held on `addr` as they are (their request never came).
+    fn release_early(&mut self, addr: u64, out: &mut Vec<HopSpan>) {
+        let Some(socket) = self.sockets.get_mut(&addr) else {
+            return;
+        };
+        for early in socket.early.take(&mut self.early_held) {
+            self.record(
+                &early.event,
+                early.library_ns,
+                early.plaintext_from,
+                false,
+                out,
+            );
+        }
+    }
+
+    /// Feeds one record to its socket's streams; a receive on a client socket with nothing in
+    /// flight is held when `may_hold`. Returns the held receives a send released.
+    fn record(
+        &mut self,
+        event: &DataEvent,
+        library_ns: u64,
+        plaintext_from: Option<&'static str>,
+        may_hold: bool,
+        out: &mut Vec<HopSpan>,
+    ) -> VecDeque<Early> {
         let stamp = Stamp {
             enter_ns: event.enter_ns,
             tcp_ns: event.tcp_ns,
@@ -621,6 +670,7 @@ impl Assembler {
             sockets,
             stats,
             nic,
+            early_held,
         } = self;
         let env = SpanEnv {
             layers: config.layers,
@@ -634,7 +684,7 @@ impl Assembler {
             event.skaddr,
             event.header.ts_ns,
         ) else {
-            return;
+            return VecDeque::new();
         };
         // Addresses don't change; the owner may (a socket passed on): refresh only then, not for
         // every record (it allocates).
@@ -646,10 +696,10 @@ impl Assembler {
         // Ciphertext feeds the handshake tracker, also on sockets whose plaintext comes from
         // a library probe.
         if plaintext_from.is_none() && tls_bytes(socket, event, data, &mut stats.tls, out) {
-            return;
+            return VecDeque::new();
         }
         match (plaintext_from, socket.endpoint.plaintext_from) {
-            (None, Some(_)) => return, // ciphertext: its plaintext comes from the library
+            (None, Some(_)) => return VecDeque::new(), // ciphertext: its plaintext comes from the library
             (Some(from), None) => {
                 // The first plaintext: what the streams made of the handshake's ciphertext
                 // is meaningless.
@@ -670,11 +720,29 @@ impl Assembler {
                 (false, true, _) | (true, _, true) => Some(Side::Server),
                 _ => {
                     stats.non_http_records += 1;
-                    return;
+                    return VecDeque::new();
                 }
             };
         }
         let side = socket.side.unwrap_or(Side::Client);
+        // Only library plaintext: syscall records are emitted as the syscall returns, in order.
+        let nothing_in_flight = socket.in_flight.is_empty() && socket.answering.is_none();
+        if may_hold
+            && plaintext_from.is_some()
+            && !sending
+            && side == Side::Client
+            && (nothing_in_flight || !socket.early.is_empty())
+        {
+            let early = Early {
+                event: Box::new(*event),
+                library_ns,
+                plaintext_from,
+            };
+            if socket.early.hold(early, early_held).is_ok() {
+                stats.receives_early += 1;
+                return VecDeque::new();
+            }
+        }
         let carries_requests = (side == Side::Client) == sending;
         let stream = if sending {
             &mut socket.outgoing
@@ -773,6 +841,11 @@ impl Assembler {
                 }
             }
         }
+        if sending && !socket.in_flight.is_empty() {
+            socket.early.take(early_held)
+        } else {
+            VecDeque::new()
+        }
     }
 
     /// Exports handshake spans that waited long enough, forgets idle sockets.
@@ -780,7 +853,11 @@ impl Assembler {
         let hold = self.config.connect_hold_ns;
         let idle = self.config.idle_ns;
         let mut idle_sockets = Vec::new();
+        let mut early_waited = Vec::new();
         for (addr, socket) in &mut self.sockets {
+            if socket.early.waited_longer(now_ns, hold) {
+                early_waited.push(*addr);
+            }
             tls_handshake::give_up_waiting(
                 &mut socket.tls,
                 now_ns,
@@ -800,6 +877,9 @@ impl Assembler {
                 idle_sockets.push(*addr);
             }
         }
+        for addr in early_waited {
+            self.release_early(addr, out);
+        }
         for addr in idle_sockets {
             self.forget(addr, Gone::Idle, out);
         }
@@ -814,6 +894,7 @@ impl Assembler {
     }
 
     fn forget(&mut self, addr: u64, why: Gone, out: &mut Vec<HopSpan>) {
+        self.release_early(addr, out);
         if let Some(mut socket) = self.sockets.remove(&addr) {
             if let Tls::Tracking(handshake) = &mut socket.tls {
                 let span = handshake.span_on_end(

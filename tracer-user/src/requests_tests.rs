@@ -1731,3 +1731,80 @@ fn a_tls_server_spends_application_time_until_it_calls_the_library() {
     assert_eq!(event("response.from_app"), Some(us(2_500)));
     assert_eq!(event("response.to_kernel"), Some(us(2_600)));
 }
+
+/// Go's HTTP client writes on one goroutine and reads on another, and plaintext records are
+/// emitted at the library call's return: the response's record can come out of the ring buffer
+/// before its request's. The span is the one the records in order make.
+#[test]
+fn a_response_record_before_its_requests_is_held_until_the_request_comes() {
+    let exchange = |response_first: bool| {
+        let mut r = Replay::new();
+        r.connect(SK, 1_000, 1_500);
+        r.send(SK, CIPHERTEXT, At(2_000, 2_010, 2_020));
+        r.recv(SK, CIPHERTEXT, At(2_040, 2_800, 2_900));
+        let request = plaintext(
+            SK,
+            DIRECTION_SEND,
+            &get_traced("/a"),
+            1_900,
+            At(2_000, 2_010, 3_100),
+        );
+        let response = plaintext(
+            SK,
+            DIRECTION_RECV,
+            &ok("ok"),
+            1_950,
+            At(2_040, 2_800, 2_950),
+        );
+        let order = if response_first {
+            [&response, &request]
+        } else {
+            [&request, &response]
+        };
+        for event in order {
+            r.asm.on_plaintext(event, &mut r.out);
+        }
+        assert_eq!(r.stats().responses_unmatched, 0);
+        assert_eq!(r.stats().receives_early, u64::from(response_first));
+        r.take()
+    };
+    let in_order = exchange(false);
+    let reordered = exchange(true);
+    assert_eq!(hops(&in_order).len(), 1, "{in_order:#?}");
+    // The same spans but for their random ids.
+    let without_ids = |spans: &[HopSpan]| {
+        spans
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {} {} {:?} {:?}",
+                    s.name, s.start_ns, s.end_ns, s.attributes, s.events
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(without_ids(&reordered), without_ids(&in_order));
+}
+
+/// A receive on a client socket that no request ever explains waits at most the connect hold,
+/// then is what it was before: an unmatched response, no span.
+#[test]
+fn a_response_without_a_request_is_let_go_after_the_hold() {
+    let mut r = Replay::new();
+    r.connect(SK, 1_000, 1_500);
+    r.tls(
+        SK,
+        DIRECTION_RECV,
+        &ok("ok"),
+        1_900,
+        At(2_000, 2_100, 2_200),
+    );
+    assert_eq!(r.stats().receives_early, 1);
+    assert_eq!(r.stats().responses_unmatched, 0);
+    let hold_us = Config::default().connect_hold_ns / 1_000;
+    r.sweep(2_200 + hold_us / 2);
+    assert_eq!(r.stats().responses_unmatched, 0);
+    r.sweep(2_200 + hold_us + 1);
+    assert_eq!(r.stats().responses_unmatched, 1);
+    assert!(hops(&r.take()).is_empty());
+}

@@ -3,7 +3,7 @@
 // checked against the same toolchain's output.
 //
 //	https -listen 10.10.2.2:8443 -cert leaf.pem -key leaf.key   # serve until killed
-//	https -get https://10.10.2.2:8443/x -ca ca.pem [-traceparent 00-...] [-delay 1s]   # one GET, print status
+//	https -get https://10.10.2.2:8443/x -ca ca.pem [-traceparent 00-...]   # one GET, print status
 package main
 
 import (
@@ -15,7 +15,6 @@ import (
 	"log"
 	"net/http"
 	"os"
-	"time"
 )
 
 func main() {
@@ -25,9 +24,7 @@ func main() {
 	get := flag.String("get", "", "GET this URL once and print the status code")
 	ca := flag.String("ca", "", "CA to trust for -get (PEM)")
 	traceparent := flag.String("traceparent", "", "traceparent header for -get")
-	delay := flag.Duration("delay", 0, "wait this long before -get (lets a tracer find the new process)")
 	flag.Parse()
-	time.Sleep(*delay)
 	switch {
 	case *listen != "":
 		serve(*listen, *cert, *key)
