@@ -21,6 +21,7 @@ use aya::{
 
 use crate::{
     golang::{self, GoBinaryError, GoTlsBinary},
+    listeners,
     scope::Scope,
 };
 
@@ -42,10 +43,7 @@ enum Outcome {
 
 /// The Go programs seen so far.
 pub struct GoTls {
-    /// Network namespace inodes in scope (empty = all).
-    netns: HashSet<u64>,
-    /// Process ids in scope (empty = all).
-    pids: HashSet<u32>,
+    scope: Scope,
     /// Processes already looked at.
     seen_pids: HashSet<u32>,
     /// Executables by (device, inode).
@@ -73,8 +71,7 @@ impl GoTlsStats {
 impl GoTls {
     pub fn new(scope: &Scope) -> Self {
         Self {
-            netns: scope.netns.iter().map(|n| u64::from(n.inode)).collect(),
-            pids: scope.pids.iter().copied().collect(),
+            scope: scope.clone(),
             seen_pids: HashSet::new(),
             binaries: HashMap::new(),
             stats: GoTlsStats::default(),
@@ -83,34 +80,15 @@ impl GoTls {
 
     /// Looks at processes not seen before and probes their Go executables.
     pub fn rescan(&mut self, ebpf: &mut Ebpf) {
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        let mut alive = HashSet::new();
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            alive.insert(pid);
-            if self.seen_pids.insert(pid) && self.in_scope(pid) {
+        let alive: HashSet<u32> = listeners::all_pids().into_iter().collect();
+        let own = std::process::id();
+        for &pid in &alive {
+            if self.seen_pids.insert(pid) && pid != own && self.scope.process_in_scope(pid) {
                 self.look_at(ebpf, pid);
             }
         }
         // Bounded by the live processes: a reused pid is looked at again.
         self.seen_pids.retain(|pid| alive.contains(pid));
-    }
-
-    fn in_scope(&self, pid: u32) -> bool {
-        if pid == std::process::id() || (!self.pids.is_empty() && !self.pids.contains(&pid)) {
-            return false;
-        }
-        self.netns.is_empty()
-            || std::fs::metadata(format!("/proc/{pid}/ns/net"))
-                .is_ok_and(|meta| self.netns.contains(&meta.ino()))
     }
 
     fn look_at(&mut self, ebpf: &mut Ebpf, pid: u32) {

@@ -53,6 +53,18 @@ impl Scope {
         })
     }
 
+    /// Whether process `pid` is observed: its pid listed (or no pid filter) and its network
+    /// namespace listed (or no namespace filter). False for a process that is gone. For the
+    /// user-space work that follows processes (uprobe attachment); the kernel filters events.
+    pub fn process_in_scope(&self, pid: u32) -> bool {
+        if !self.pids.is_empty() && !self.pids.contains(&pid) {
+            return false;
+        }
+        self.netns.is_empty()
+            || std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|meta| self.netns.iter().any(|n| u64::from(n.inode) == meta.ino()))
+    }
+
     pub fn describe(&self) -> String {
         let mut parts = Vec::new();
         if !self.netns.is_empty() {
@@ -112,6 +124,28 @@ mod tests {
         let err = Scope::resolve(&["no-such-ns-hoptrace".into()], &[], &[]).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("/run/netns/no-such-ns-hoptrace") && msg.contains("ip netns list"));
+    }
+
+    #[test]
+    fn a_process_is_in_scope_by_pid_and_by_its_network_namespace() {
+        let me = std::process::id();
+        let here = Scope::resolve(&["/proc/self/ns/net".into()], &[], &[]).unwrap();
+        assert!(here.process_in_scope(me));
+        assert!(Scope::default().process_in_scope(me));
+        let other_pid = Scope {
+            pids: vec![me + 1],
+            ..here.clone()
+        };
+        assert!(!other_pid.process_in_scope(me));
+        let mut elsewhere = here;
+        elsewhere.netns[0].inode ^= 1;
+        assert!(!elsewhere.process_in_scope(me));
+        // A process that is gone is in no namespace.
+        assert!(
+            !Scope::resolve(&["/proc/self/ns/net".into()], &[], &[])
+                .unwrap()
+                .process_in_scope(u32::MAX)
+        );
     }
 
     #[test]

@@ -80,8 +80,7 @@ impl Stats {
 type FileId = (u64, u64);
 
 pub struct OpenSslProbes {
-    netns: HashSet<u32>,
-    pids: HashSet<u32>,
+    scope: Scope,
     /// Files probed, with the path they were found at (for logs).
     attached: HashMap<FileId, PathBuf>,
     /// Files inspected and not probed (no symbols, failed): never inspected again.
@@ -106,8 +105,7 @@ impl OpenSslProbes {
             }
         }
         Ok(Self {
-            netns: scope.netns.iter().map(|n| n.inode).collect(),
-            pids: scope.pids.iter().copied().collect(),
+            scope: scope.clone(),
             attached: HashMap::new(),
             skipped: HashSet::new(),
             gone: HashSet::new(),
@@ -131,22 +129,13 @@ impl OpenSslProbes {
         }
         let own = std::process::id();
         for pid in listeners::all_pids() {
-            if pid == own || !self.in_scope(pid) {
+            if pid == own || !self.scope.process_in_scope(pid) {
                 continue;
             }
             for candidate in candidates(pid) {
                 self.consider(ebpf, pid, candidate);
             }
         }
-    }
-
-    fn in_scope(&self, pid: u32) -> bool {
-        if !self.pids.is_empty() && !self.pids.contains(&pid) {
-            return false;
-        }
-        self.netns.is_empty()
-            || std::fs::metadata(format!("/proc/{pid}/ns/net"))
-                .is_ok_and(|m| self.netns.contains(&(m.ino() as u32)))
     }
 
     fn consider(&mut self, ebpf: &mut Ebpf, pid: u32, candidate: Mapping) {
