@@ -19,6 +19,7 @@ use crate::{
     ebpf,
     export::{self, ExportConfig, SpanSink},
     go_tls::GoTls,
+    kubernetes::{self, Pods},
     metrics::{HopRecorder, Metrics, Observed},
     nic::KernelNicTimes,
     requests::{self, Assembler},
@@ -42,6 +43,8 @@ pub struct AgentOptions {
     pub report_interval: Duration,
     /// Serve Prometheus metrics here.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Pod names from the API server.
+    pub kubernetes: Option<kubernetes::ApiConfig>,
 }
 
 /// How long the reader lets ring-buffer records gather after a wake-up. Well below what a
@@ -66,7 +69,7 @@ struct Pipeline<'a> {
     sink: &'a SpanSink,
     spans: Vec<HopSpan>,
     joined: Vec<HopSpan>,
-    /// container.id and k8s.pod.uid of the spans' processes.
+    /// container.id and k8s.pod.uid of the spans' processes (and pod names, when looked up).
     containers: ContainerMetadata,
     /// Latency histograms, when metrics are served.
     hops: Option<HopRecorder>,
@@ -157,9 +160,10 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         None => None,
     };
     let export_stats = sink.stats();
+    let pods = options.kubernetes.clone().map(Pods::watch);
     let mut pipeline = Pipeline {
         decoder: Decoder::default(),
-        containers: ContainerMetadata::new(),
+        containers: ContainerMetadata::new(pods.clone()),
         hops: metrics.as_ref().map(|(_, m)| m.hop_recorder()),
         assembler,
         correlator: Correlator::new(correlate::Config::default()),
@@ -229,6 +233,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                         requests: &pipeline.assembler.stats,
                         joins: &pipeline.correlator.stats,
                         export: &export_stats,
+                        kubernetes: pods.as_deref().map(|p| &p.stats),
                     });
                 }
             }

@@ -10,9 +10,12 @@
 //!   `libpod-<id>.scope` (Podman);
 //! - cgroupfs driver: `/kubepods/besteffort/pod<uid>/<id>`, `/docker/<id>`.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
-use crate::span::{HopSpan, Value};
+use crate::{
+    kubernetes::Pods,
+    span::{HopSpan, Value},
+};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Identity {
@@ -95,15 +98,18 @@ fn pod_uid(segment: &str) -> Option<String> {
 /// PIDs are reused only after many others: entries are dropped wholesale when the cache fills.
 pub struct ContainerMetadata {
     by_pid: HashMap<u32, Identity>,
+    /// Pod names from the API server (`kubernetes.api`).
+    pods: Option<Arc<Pods>>,
 }
 
 /// Processes remembered before the cache starts over.
 const MAX_PROCESSES: usize = 4096;
 
 impl ContainerMetadata {
-    pub fn new() -> Self {
+    pub fn new(pods: Option<Arc<Pods>>) -> Self {
         Self {
             by_pid: HashMap::new(),
+            pods,
         }
     }
 
@@ -129,6 +135,9 @@ impl ContainerMetadata {
         }
         if let Some(uid) = &identity.pod_uid {
             span.attributes.push(("k8s.pod.uid", uid.clone().into()));
+        }
+        if let Some(pods) = &self.pods {
+            pods.annotate(identity, span);
         }
     }
 }

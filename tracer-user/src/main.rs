@@ -15,6 +15,7 @@ mod export;
 mod go_tls;
 mod golang;
 mod kernel_offsets;
+mod kubernetes;
 mod listeners;
 mod metrics;
 mod nic;
@@ -135,7 +136,13 @@ fn main() -> ExitCode {
                 print!("{}", settings.render());
                 return ExitCode::SUCCESS;
             }
-            run_async(agent::run(settings.agent_options()))
+            match settings.agent_options() {
+                Ok(options) => run_async(agent::run(options)),
+                Err(error) => {
+                    log::error!("configuration: {error:#}");
+                    return ExitCode::from(2);
+                }
+            }
         }
         Command::Correlate {
             grpc_listen,

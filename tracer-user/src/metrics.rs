@@ -30,7 +30,7 @@ use prometheus_client::{
 use crate::{
     correlate,
     export::ExportStats,
-    requests,
+    kubernetes, requests,
     span::{HopSpan, Value},
 };
 
@@ -169,6 +169,8 @@ pub struct Observed<'a> {
     pub requests: &'a requests::Stats,
     pub joins: &'a correlate::Stats,
     pub export: &'a ExportStats,
+    /// The pod-name lookup, when `kubernetes.api` is on.
+    pub kubernetes: Option<&'a kubernetes::Stats>,
 }
 
 pub struct Metrics {
@@ -184,6 +186,10 @@ pub struct Metrics {
     spans_dropped: Mirror,
     export_failed: Mirror,
     export_pending: Gauge,
+    kubernetes_errors: MirrorFamily,
+    kubernetes_named: Mirror,
+    kubernetes_unknown: Mirror,
+    kubernetes_pods: Gauge,
 }
 
 impl Metrics {
@@ -223,6 +229,28 @@ impl Metrics {
         let export_failed = counter(
             "export_failed_spans",
             "Spans lost because an export failed or timed out",
+        );
+        let kubernetes_named = counter(
+            "kubernetes_spans_named",
+            "Spans given their pod's name and namespace from the Kubernetes API server",
+        );
+        let kubernetes_unknown = counter(
+            "kubernetes_spans_pod_unknown",
+            "Spans of a pod or container the API server had not shown (yet): exported without \
+             pod name",
+        );
+        let kubernetes_errors = MirrorFamily::default();
+        registry.register(
+            "kubernetes_api_errors",
+            "Failed requests to the Kubernetes API server, by reason (unreachable, \
+             unauthorized, forbidden, http_status, malformed, credentials)",
+            kubernetes_errors.family.clone(),
+        );
+        let kubernetes_pods = Gauge::default();
+        registry.register(
+            "kubernetes_pods",
+            "Pods of this node known from the Kubernetes API server",
+            kubernetes_pods.clone(),
         );
         let skipped = MirrorFamily::default();
         registry.register(
@@ -268,6 +296,10 @@ impl Metrics {
             spans_dropped,
             export_failed,
             export_pending,
+            kubernetes_errors,
+            kubernetes_named,
+            kubernetes_unknown,
+            kubernetes_pods,
         }
     }
 
@@ -317,6 +349,18 @@ impl Metrics {
         self.export_failed.set(failed);
         self.export_pending
             .set(i64::try_from(queued.saturating_sub(exported + failed)).unwrap_or(i64::MAX));
+        if let Some(k) = observed.kubernetes {
+            for (reason, total) in kubernetes::ERROR_REASONS.iter().zip(&k.api_errors) {
+                self.kubernetes_errors
+                    .set(reason, total.load(Ordering::Relaxed));
+            }
+            self.kubernetes_named
+                .set(k.spans_named.load(Ordering::Relaxed));
+            self.kubernetes_unknown
+                .set(k.spans_pod_unknown.load(Ordering::Relaxed));
+            self.kubernetes_pods
+                .set(i64::try_from(k.pods.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+        }
     }
 
     /// Binds `addr` now (a taken port fails the start) and serves /metrics on this runtime.
@@ -495,6 +539,7 @@ mod tests {
                 requests: &stats,
                 joins: &joins,
                 export: &export,
+                kubernetes: None,
             });
         }
         let text = encoded(&metrics);

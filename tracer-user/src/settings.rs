@@ -21,6 +21,7 @@ use serde::Deserialize;
 use crate::{
     agent::AgentOptions,
     export::{ExportConfig, ExportFlags, Protocol},
+    kubernetes,
     sampling::Untraced,
 };
 
@@ -75,6 +76,11 @@ pub struct AgentArgs {
     /// [env: HOPTRACE_METRICS_ADDR]
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Name the pods of traced processes (k8s.pod.name, k8s.namespace.name,
+    /// k8s.container.name) from the Kubernetes API server, with the pod's service account;
+    /// needs node_name. [env: HOPTRACE_KUBERNETES_API]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub kubernetes_api: Option<bool>,
 }
 
 /// Where a value came from.
@@ -117,7 +123,17 @@ struct File {
     metrics_addr: Option<String>,
     node_name: Option<String>,
     #[serde(default)]
+    kubernetes: FileKubernetes,
+    #[serde(default)]
     export: FileExport,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKubernetes {
+    api: Option<bool>,
+    token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -188,6 +204,12 @@ pub struct Settings {
     pub metrics_addr: Setting<Option<SocketAddr>>,
     /// The Kubernetes node (downward API `spec.nodeName`): resource attribute k8s.node.name.
     pub node_name: Setting<Option<String>>,
+    /// Pod names from the API server, and the service account files it is reached with.
+    pub kubernetes_api: Setting<bool>,
+    pub kubernetes_token_file: Setting<PathBuf>,
+    pub kubernetes_ca_file: Setting<PathBuf>,
+    /// https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT, or why there is none.
+    kubernetes_server: Result<String, String>,
     pub export: ExportConfig,
     /// `[export]` keys as resolved, for --print-config: key, value, layer.
     export_sources: Vec<(&'static str, String, Source)>,
@@ -434,6 +456,32 @@ impl Settings {
             always_ok,
         )?;
 
+        let kubernetes_api = layers.resolve(
+            "kubernetes.api",
+            ("kubernetes-api", args.kubernetes_api),
+            ("HOPTRACE_KUBERNETES_API", boolean),
+            f.kubernetes.api,
+            false,
+            always_ok,
+        )?;
+        let kubernetes_token_file = layers.resolve(
+            "kubernetes.token_file",
+            ("", None),
+            ("HOPTRACE_KUBERNETES_TOKEN_FILE", |t| Ok(PathBuf::from(t))),
+            f.kubernetes.token_file,
+            PathBuf::from(kubernetes::TOKEN_FILE),
+            always_ok,
+        )?;
+        let kubernetes_ca_file = layers.resolve(
+            "kubernetes.ca_file",
+            ("", None),
+            ("HOPTRACE_KUBERNETES_CA_FILE", |t| Ok(PathBuf::from(t))),
+            f.kubernetes.ca_file,
+            PathBuf::from(kubernetes::CA_FILE),
+            always_ok,
+        )?;
+        let kubernetes_server = kubernetes::ApiConfig::in_cluster_server(env);
+
         // Export: the OTEL_* variables, each falling back to its [export] key.
         let file_source = layers
             .file_path
@@ -499,14 +547,43 @@ impl Settings {
             shutdown_timeout,
             metrics_addr,
             node_name,
+            kubernetes_api,
+            kubernetes_token_file,
+            kubernetes_ca_file,
+            kubernetes_server,
             export,
             export_sources,
             config_file: layers.file_path.map(Path::to_path_buf),
         })
     }
 
-    pub fn agent_options(&self) -> AgentOptions {
-        AgentOptions {
+    /// Where and how the agent reaches the API server, when `kubernetes.api` is on. Checked
+    /// when the agent starts, not by --print-config: the address exists only in a pod.
+    fn kubernetes(&self) -> anyhow::Result<Option<kubernetes::ApiConfig>> {
+        if !self.kubernetes_api.value {
+            return Ok(None);
+        }
+        let source = &self.kubernetes_api.source;
+        let node_name = self.node_name.value.clone().ok_or_else(|| {
+            anyhow::anyhow!(
+                "kubernetes.api: needs node_name (HOPTRACE_NODE_NAME from the downward API's \
+                 spec.nodeName), to watch only this node's pods (from {source})"
+            )
+        })?;
+        let server = self
+            .kubernetes_server
+            .clone()
+            .map_err(|e| anyhow::anyhow!("kubernetes.api: {e} (from {source})"))?;
+        Ok(Some(kubernetes::ApiConfig {
+            server,
+            node_name,
+            token_file: self.kubernetes_token_file.value.clone(),
+            ca_file: self.kubernetes_ca_file.value.clone(),
+        }))
+    }
+
+    pub fn agent_options(&self) -> anyhow::Result<AgentOptions> {
+        Ok(AgentOptions {
             scope_netns: self.netns.value.clone(),
             scope_pids: self.pids.value.clone(),
             scope_ports: self.ports.value.clone(),
@@ -517,7 +594,8 @@ impl Settings {
             shutdown_timeout: Duration::from_secs_f64(self.shutdown_timeout.value),
             report_interval: Duration::from_secs(10),
             metrics_addr: self.metrics_addr.value,
-        }
+            kubernetes: self.kubernetes()?,
+        })
     }
 
     /// The batch settings' defaults, as the export module resolved them.
@@ -581,6 +659,26 @@ impl Settings {
             },
         );
         out += &optional("node_name", &self.node_name);
+        out += "\n[kubernetes]\n";
+        out += &line("api", &self.kubernetes_api);
+        match &self.kubernetes_server {
+            Ok(server) => {
+                out += &format!("# API server: {server} (KUBERNETES_SERVICE_HOST/PORT)\n")
+            }
+            Err(e) => out += &format!("# API server: {e}\n"),
+        }
+        for (key, setting) in [
+            ("token_file", &self.kubernetes_token_file),
+            ("ca_file", &self.kubernetes_ca_file),
+        ] {
+            out += &line(
+                key,
+                &Setting {
+                    value: setting.value.display().to_string(),
+                    source: setting.source.clone(),
+                },
+            );
+        }
         out += "\n[scope]\n";
         out += &line("netns", &self.netns);
         out += &format!(
@@ -825,6 +923,76 @@ mod tests {
         assert_eq!(again.ring_buffer_mib.value, 16);
         assert_eq!(again.export.target, s.export.target);
         assert_eq!(again.export.max_queue_size, s.export.max_queue_size);
+    }
+
+    #[test]
+    fn the_kubernetes_lookup_needs_the_node_name_and_the_in_cluster_address() {
+        let file = "node_name = \"n1\"\n[kubernetes]\napi = true\nca_file = \"/tmp/ca.pem\"\n";
+        let in_cluster = [
+            ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+            ("KUBERNETES_SERVICE_PORT", "443"),
+            ("HOPTRACE_KUBERNETES_TOKEN_FILE", "/tmp/token"),
+        ];
+        let s = settings(&[], &in_cluster, Some(file)).unwrap();
+        let api = s.agent_options().unwrap().kubernetes.unwrap();
+        assert_eq!(
+            api,
+            kubernetes::ApiConfig {
+                server: "https://10.96.0.1:443".into(),
+                node_name: "n1".into(),
+                token_file: "/tmp/token".into(),
+                ca_file: "/tmp/ca.pem".into(),
+            }
+        );
+        let rendered = s.render();
+        assert!(
+            rendered.contains("api = true  # file /etc/hoptrace.toml")
+                && rendered.contains("# API server: https://10.96.0.1:443")
+                && rendered
+                    .contains("token_file = \"/tmp/token\"  # env HOPTRACE_KUBERNETES_TOKEN_FILE"),
+            "{rendered}"
+        );
+        let again = settings(&[], &in_cluster, Some(&rendered)).unwrap();
+        assert_eq!(again.agent_options().unwrap().kubernetes.unwrap(), api);
+        // Off by default, and off by flag over the file.
+        let off = settings(&["--kubernetes-api=false"], &in_cluster, Some(file)).unwrap();
+        assert!(off.agent_options().unwrap().kubernetes.is_none());
+        assert!(
+            settings(&[], &in_cluster, None)
+                .unwrap()
+                .agent_options()
+                .unwrap()
+                .kubernetes
+                .is_none()
+        );
+        // --print-config works outside a pod; starting does not.
+        let outside = settings(&[], &[], Some(file)).unwrap();
+        assert!(
+            outside
+                .render()
+                .contains("# API server: KUBERNETES_SERVICE_HOST")
+        );
+        let error = format!("{:#}", outside.agent_options().err().unwrap());
+        assert!(
+            error.starts_with("kubernetes.api: KUBERNETES_SERVICE_HOST")
+                && error.ends_with("(from file /etc/hoptrace.toml)"),
+            "{error}"
+        );
+        let error = settings(&["--kubernetes-api"], &in_cluster, None)
+            .unwrap()
+            .agent_options()
+            .err()
+            .unwrap();
+        assert!(
+            format!("{error:#}").contains("needs node_name")
+                && format!("{error:#}").ends_with("(from flag --kubernetes-api)"),
+            "{error:#}"
+        );
+        let error = format!(
+            "{:#}",
+            settings(&[], &[("HOPTRACE_KUBERNETES_API", "sure")], None).unwrap_err()
+        );
+        assert!(error.starts_with("kubernetes.api:"), "{error}");
     }
 
     #[test]
