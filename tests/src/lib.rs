@@ -1,6 +1,9 @@
 pub mod agent;
 pub mod bpf_objects;
+pub mod cgroup;
 pub mod firewall;
+pub mod kube_api;
+pub mod prometheus;
 pub mod receiver;
 
 /// Timing checks of the end-to-end tests: the lab's delays are exact to well under this.

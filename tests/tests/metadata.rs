@@ -3,66 +3,18 @@
 //! `k8s.pod.uid` on its spans; a host process gets neither; the node name from the downward-API
 //! variable is a resource attribute of every span.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
-use hoptrace_tests::{agent::Agent, receiver::OtlpReceiver};
+use hoptrace_tests::{agent::Agent, cgroup::PodCgroup, receiver::OtlpReceiver};
 use xtask::lab::{Host, Lab, LabConfig, PERSONA_IP, PYTHON_PORT};
 
 const CONTAINER_ID: &str = "9c3e1f0a7b2d4c6e8f1a3b5c7d9e0f2a4b6c8d0e1f3a5b7c9d1e3f5a7b9c1d3e";
 const POD_UID: &str = "6b1f2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
-/// Where the unified (v2) hierarchy is mounted on these hosts (hybrid: v1 controllers beside).
-const UNIFIED: &str = "/sys/fs/cgroup/unified";
-
-/// A cgroup tree like a kubelet's, removed with the processes moved back out on drop.
-struct PodCgroup {
-    top: PathBuf,
-    leaf: PathBuf,
-}
-
-impl PodCgroup {
-    fn create() -> Self {
-        let root = if std::path::Path::new(UNIFIED).join("cgroup.procs").exists() {
-            PathBuf::from(UNIFIED)
-        } else {
-            PathBuf::from("/sys/fs/cgroup")
-        };
-        let top = root.join(format!("hoptrace-e2e-{}.slice", std::process::id()));
-        let leaf = top
-            .join(format!(
-                "kubepods-besteffort-pod{}.slice",
-                POD_UID.replace('-', "_")
-            ))
-            .join(format!("cri-containerd-{CONTAINER_ID}.scope"));
-        std::fs::create_dir_all(&leaf).expect("creating the test cgroup");
-        Self { top, leaf }
-    }
-
-    fn enter(&self, pid: u32) {
-        std::fs::write(self.leaf.join("cgroup.procs"), pid.to_string()).expect("moving the server");
-    }
-}
-
-impl Drop for PodCgroup {
-    fn drop(&mut self) {
-        let root = self.top.parent().unwrap().join("cgroup.procs");
-        if let Ok(pids) = std::fs::read_to_string(self.leaf.join("cgroup.procs")) {
-            for pid in pids.lines() {
-                let _ = std::fs::write(&root, pid);
-            }
-        }
-        let mut dir = self.leaf.clone();
-        while dir.starts_with(&self.top) {
-            let _ = std::fs::remove_dir(&dir);
-            dir.pop();
-        }
-    }
-}
-
 #[test]
 fn spans_of_a_containerized_server_carry_its_container_id_and_pod_uid() {
     let lab = Lab::start(LabConfig::default()).expect("lab");
     let receiver = OtlpReceiver::start().expect("receiver");
-    let cgroup = PodCgroup::create();
+    let cgroup = PodCgroup::create("metadata", POD_UID, CONTAINER_ID);
     let port = PYTHON_PORT + 1;
     let server = lab
         .spawn(

@@ -2,72 +2,17 @@
 //! of /metrics parsed by the reference parsers (prometheus_client's Prometheus text and
 //! OpenMetrics parsers), histogram counts equal to the requests made.
 
-use std::{collections::BTreeMap, process::Command, time::Duration};
+use std::time::Duration;
 
-use hoptrace_tests::{agent::Agent, receiver::OtlpReceiver};
-use serde::Deserialize;
+use hoptrace_tests::{
+    agent::Agent,
+    prometheus::{Scrape, scrape},
+    receiver::OtlpReceiver,
+};
 use xtask::lab::{Direction, Host, Lab, LabConfig, NGINX_PORT, PERSONA_IP};
 
 const REQUESTS: usize = 6;
 const FORWARD_DELAY: Duration = Duration::from_millis(10);
-
-/// Parses a scrape with both of prometheus_client's parsers (the OpenMetrics one is strict: it
-/// needs `# EOF`, valid types and suffixes) and prints the samples as JSON.
-const SCRAPER: &str = r#"
-import json, sys, urllib.request
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics
-with urllib.request.urlopen(sys.argv[1], timeout=5) as response:
-    content_type = response.headers.get("Content-Type")
-    text = response.read().decode()
-strict = {s.name: s.value for f in openmetrics(text) for s in f.samples if not s.labels}
-samples = [{"name": s.name, "labels": s.labels, "value": s.value, "type": f.type}
-           for f in text_string_to_metric_families(text) for s in f.samples]
-json.dump({"content_type": content_type, "samples": samples, "strict_unlabeled": len(strict)}, sys.stdout)
-"#;
-
-#[derive(Deserialize)]
-struct Scrape {
-    content_type: String,
-    samples: Vec<Sample>,
-    strict_unlabeled: usize,
-}
-
-#[derive(Deserialize, Debug)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-    #[serde(rename = "type")]
-    kind: String,
-}
-
-fn scrape(url: &str) -> Scrape {
-    let out = Command::new("python3")
-        .args(["-c", SCRAPER, url])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("scraper output")
-}
-
-impl Scrape {
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        self.samples
-            .iter()
-            .find(|s| {
-                s.name == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .map(|s| s.value)
-    }
-}
 
 #[test]
 fn hop_histograms_count_every_request_and_counters_track_the_pipeline() {
