@@ -916,10 +916,11 @@ fn the_agent_runs_least_privileged_with_the_host_views_it_needs() {
     );
 
     // Host paths, mounted where the agent looks for them, read-only (besides the config file's
-    // ConfigMap volume, checked with the configuration).
+    // ConfigMap volume, checked with the configuration, and the API token's projected volume,
+    // checked with the RBAC).
     let volumes: BTreeMap<_, _> = array_of(&spec["volumes"], "volumes")
         .iter()
-        .filter(|v| v["configMap"].is_null())
+        .filter(|v| v["configMap"].is_null() && v["projected"].is_null())
         .map(|v| {
             (
                 str_of(&v["name"], "volume name"),
@@ -937,7 +938,7 @@ fn the_agent_runs_least_privileged_with_the_host_views_it_needs() {
     for c in [check, agent] {
         for mount in array_of(&c["volumeMounts"], "volumeMounts") {
             let name = str_of(&mount["name"], "mount name");
-            if name == "config" {
+            if name == "config" || name == API_ACCESS {
                 continue;
             }
             assert_eq!(
@@ -950,7 +951,7 @@ fn the_agent_runs_least_privileged_with_the_host_views_it_needs() {
     let agent_mounts: BTreeSet<_> = array_of(&agent["volumeMounts"], "mounts")
         .iter()
         .map(|m| str_of(&m["name"], "name"))
-        .filter(|name| *name != "config")
+        .filter(|name| *name != "config" && *name != API_ACCESS)
         .collect();
     assert_eq!(agent_mounts, volumes.keys().copied().collect());
     let netns_mount = array_of(&agent["volumeMounts"], "mounts")
@@ -994,6 +995,75 @@ fn the_agent_runs_least_privileged_with_the_host_views_it_needs() {
         export_ms / 1000.0 < shutdown,
         "export_timeout_ms {export_ms} vs shutdown_timeout {shutdown} s"
     );
+}
+
+/// The agent's projected service account volume: token and CA for the API server lookup.
+const API_ACCESS: &str = "api-access";
+
+/// Kinds the manifests hold that have no namespace.
+const CLUSTER_SCOPED: [&str; 3] = ["Namespace", "ClusterRole", "ClusterRoleBinding"];
+
+#[test]
+fn the_agent_may_only_read_pods_and_only_its_agent_container_has_a_token() {
+    let objects = base();
+    // Read-only, pods only, bound to the agent's ServiceAccount.
+    let role = find(objects, "ClusterRole", "hoptrace-agent");
+    assert_eq!(
+        role["rules"],
+        json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}])
+    );
+    let binding = find(objects, "ClusterRoleBinding", "hoptrace-agent");
+    assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
+    assert_eq!(binding["roleRef"]["name"], "hoptrace-agent");
+    let ds = find(objects, "DaemonSet", "hoptrace-agent");
+    let spec = pod_spec(ds);
+    assert_eq!(
+        binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": spec["serviceAccountName"],
+                "namespace": ds["metadata"]["namespace"]}])
+    );
+    // No automatic token for every container: one projected into the agent's, where
+    // in-cluster clients (and the agent's defaults) look, with the cluster CA.
+    assert_eq!(spec["automountServiceAccountToken"], false);
+    let volume = array_of(&spec["volumes"], "volumes")
+        .iter()
+        .find(|v| v["name"] == API_ACCESS)
+        .expect("the token volume");
+    let sources = array_of(&volume["projected"]["sources"], "sources");
+    assert!(
+        sources
+            .iter()
+            .any(|s| s["serviceAccountToken"]["path"] == "token")
+    );
+    assert!(
+        sources
+            .iter()
+            .any(|s| s["configMap"]["name"] == "kube-root-ca.crt"
+                && s["configMap"]["items"] == json!([{"key": "ca.crt", "path": "ca.crt"}]))
+    );
+    let mounted = |c: &Value| {
+        c["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["name"] == API_ACCESS)
+            .cloned()
+    };
+    assert_eq!(mounted(container(ds, "initContainers", "check")), None);
+    let mount = mounted(container(ds, "containers", "agent")).expect("agent token mount");
+    assert_eq!(mount["readOnly"], true);
+    // The config turns the lookup on, and the files are where the agent reads them.
+    let effective = effective_agent_config(agent_config_file(objects));
+    assert_eq!(setting(&effective, "kubernetes", "api"), "true");
+    let mount_path = Path::new(str_of(&mount["mountPath"], "mountPath"));
+    for (key, file) in [("token_file", "token"), ("ca_file", "ca.crt")] {
+        assert_eq!(
+            Path::new(setting(&effective, "kubernetes", key)),
+            mount_path.join(file)
+        );
+    }
+    // The node whose pods it watches: HOPTRACE_NODE_NAME from the downward API, checked with
+    // the environment below.
 }
 
 #[test]
@@ -1304,7 +1374,10 @@ fn references_resolve_in_every_rendering() {
     }
     for (name, objects) in &renders {
         let namespace = find(objects, "Namespace", "hoptrace")["metadata"]["name"].clone();
-        for object in objects.iter().filter(|o| o["kind"] != "Namespace") {
+        for object in objects
+            .iter()
+            .filter(|o| !CLUSTER_SCOPED.contains(&str_of(&o["kind"], "kind")))
+        {
             assert_eq!(
                 object["metadata"]["namespace"],
                 namespace,
@@ -1366,7 +1439,10 @@ fn references_resolve_in_every_rendering() {
                 str_of(&service["metadata"]["name"], "service name"),
             );
         }
-        for binding in objects.iter().filter(|o| o["kind"] == "RoleBinding") {
+        for binding in objects
+            .iter()
+            .filter(|o| o["kind"] == "RoleBinding" || o["kind"] == "ClusterRoleBinding")
+        {
             find(
                 objects,
                 str_of(&binding["roleRef"]["kind"], "roleRef kind"),
@@ -1505,16 +1581,20 @@ fn the_netns_tc_component_adds_cap_sys_admin_to_both_agent_containers_only() {
             );
         }
     }
-    // The namespace override moved everything, the binding's subject included.
-    assert!(
-        objects
-            .iter()
-            .all(|o| o["kind"] == "Namespace" || o["metadata"]["namespace"] == "lab-tracing")
-    );
-    assert_eq!(
-        find(objects, "RoleBinding", "hoptrace-collector")["subjects"][0]["namespace"],
-        "lab-tracing"
-    );
+    // The namespace override moved everything namespaced, the bindings' subjects included.
+    assert!(objects.iter().all(|o| {
+        CLUSTER_SCOPED.contains(&str_of(&o["kind"], "kind"))
+            || o["metadata"]["namespace"] == "lab-tracing"
+    }));
+    for (kind, name) in [
+        ("RoleBinding", "hoptrace-collector"),
+        ("ClusterRoleBinding", "hoptrace-agent"),
+    ] {
+        assert_eq!(
+            find(objects, kind, name)["subjects"][0]["namespace"],
+            "lab-tracing"
+        );
+    }
 }
 
 /// deploy/grafana: the dashboard is JSON Grafana can load (unique uid and panel ids, a grid

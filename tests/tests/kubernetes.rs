@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use hoptrace_tests::{
     agent::Agent,
-    cgroup::PodCgroup,
+    cgroup::{PodServer, curl_retrying},
     kube_api::{KubeApi, PodSpec},
     prometheus::scrape,
     receiver::{OtlpReceiver, ReceivedSpan},
@@ -46,8 +46,7 @@ impl Pod {
 struct Setup {
     lab: Lab,
     receiver: OtlpReceiver,
-    _server: xtask::lab::Background,
-    _cgroup: PodCgroup,
+    _server: PodServer,
     port: u16,
 }
 
@@ -55,26 +54,11 @@ impl Setup {
     fn start(name: &str, pod: &Pod, port: u16) -> Self {
         let lab = Lab::start(LabConfig::default()).expect("lab");
         let receiver = OtlpReceiver::start().expect("receiver");
-        let cgroup = PodCgroup::create(name, pod.uid, pod.container.1);
-        let server = lab
-            .spawn(
-                Host::Persona,
-                &[
-                    "python3",
-                    "-m",
-                    "http.server",
-                    &port.to_string(),
-                    "--bind",
-                    &PERSONA_IP.to_string(),
-                ],
-            )
-            .expect("python server");
-        cgroup.enter(server.pid());
+        let server = PodServer::start(&lab, name, pod.uid, pod.container.1, port);
         Self {
             lab,
             receiver,
             _server: server,
-            _cgroup: cgroup,
             port,
         }
     }
@@ -101,26 +85,7 @@ impl Setup {
     /// One request to the pod's server; returns its persona span as the receiver got it.
     fn request(&self, path: &str) -> ReceivedSpan {
         let url = format!("http://{PERSONA_IP}:{}/{path}", self.port);
-        // The server may still be starting: curl retries refused connections.
-        self.lab
-            .run(
-                Host::Agent,
-                &[
-                    "curl",
-                    "-sS",
-                    "-o",
-                    "/dev/null",
-                    "--max-time",
-                    "5",
-                    "--retry",
-                    "20",
-                    "--retry-connrefused",
-                    "--retry-delay",
-                    "1",
-                    &url,
-                ],
-            )
-            .expect("curl");
+        curl_retrying(&self.lab, &url);
         let target = format!("/{path}");
         let find = |spans: &[ReceivedSpan]| {
             spans

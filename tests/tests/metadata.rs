@@ -5,7 +5,11 @@
 
 use std::time::Duration;
 
-use hoptrace_tests::{agent::Agent, cgroup::PodCgroup, receiver::OtlpReceiver};
+use hoptrace_tests::{
+    agent::Agent,
+    cgroup::{PodServer, curl_retrying},
+    receiver::OtlpReceiver,
+};
 use xtask::lab::{Host, Lab, LabConfig, PERSONA_IP, PYTHON_PORT};
 
 const CONTAINER_ID: &str = "9c3e1f0a7b2d4c6e8f1a3b5c7d9e0f2a4b6c8d0e1f3a5b7c9d1e3f5a7b9c1d3e";
@@ -14,22 +18,9 @@ const POD_UID: &str = "6b1f2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
 fn spans_of_a_containerized_server_carry_its_container_id_and_pod_uid() {
     let lab = Lab::start(LabConfig::default()).expect("lab");
     let receiver = OtlpReceiver::start().expect("receiver");
-    let cgroup = PodCgroup::create("metadata", POD_UID, CONTAINER_ID);
     let port = PYTHON_PORT + 1;
-    let server = lab
-        .spawn(
-            Host::Persona,
-            &[
-                "python3",
-                "-m",
-                "http.server",
-                &port.to_string(),
-                "--bind",
-                &PERSONA_IP.to_string(),
-            ],
-        )
-        .expect("python server");
-    cgroup.enter(server.pid());
+    let pod = PodServer::start(&lab, "metadata", POD_UID, CONTAINER_ID, port);
+    let server = &pod.server;
     let endpoint = receiver.grpc_endpoint();
     let _agent = Agent::start(
         &["--netns", lab.netns(Host::Persona).name()],
@@ -40,29 +31,8 @@ fn spans_of_a_containerized_server_carry_its_container_id_and_pod_uid() {
         ],
     )
     .expect("agent");
-    let curl = |url: &str| {
-        // The server may still be starting: curl retries refused connections.
-        lab.run(
-            Host::Agent,
-            &[
-                "curl",
-                "-sS",
-                "-o",
-                "/dev/null",
-                "--max-time",
-                "5",
-                "--retry",
-                "20",
-                "--retry-connrefused",
-                "--retry-delay",
-                "1",
-                url,
-            ],
-        )
-        .expect("curl");
-    };
-    curl(&format!("http://{PERSONA_IP}:{port}/"));
-    curl(&lab.nginx_url("/"));
+    curl_retrying(&lab, &format!("http://{PERSONA_IP}:{port}/"));
+    curl_retrying(&lab, &lab.nginx_url("/"));
     let persona_request = |spans: &[hoptrace_tests::receiver::ReceivedSpan], server_port: i64| {
         spans
             .iter()
