@@ -315,18 +315,25 @@ impl Pods {
                 let pod: Pod = serde_json::from_value(object)
                     .map_err(|e| Fault::Malformed(format!("{} event: {e}", event.kind)))?;
                 let version = pod.metadata.resource_version.clone();
-                if event.kind == "DELETED" {
-                    self.write().remove(&pod.metadata.uid);
-                } else if event.kind != "BOOKMARK"
-                    && let Some((uid, info)) = pod.into_info()
-                    && !self.write().upsert(uid, info)
-                {
+                let mut directory = self.write();
+                let remembered = match event.kind.as_str() {
+                    "DELETED" => {
+                        directory.remove(&pod.metadata.uid);
+                        true
+                    }
+                    "BOOKMARK" => true,
+                    _ => pod
+                        .into_info()
+                        .is_none_or(|(uid, info)| directory.upsert(uid, info)),
+                };
+                let count = directory.by_uid.len();
+                drop(directory);
+                self.stats.pods.store(count as u64, Ordering::Relaxed);
+                if !remembered {
                     log::warn!(
                         "Kubernetes metadata: more than {MAX_PODS} pods on this node; a new one is not remembered"
                     );
                 }
-                let count = self.write().by_uid.len();
-                self.stats.pods.store(count as u64, Ordering::Relaxed);
                 Ok(version)
             }
             "ERROR" => {
