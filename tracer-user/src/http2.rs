@@ -166,10 +166,6 @@ impl<S: Copy> Direction<S> {
         }
     }
 
-    pub fn is_lost(&self) -> bool {
-        self.state.lost
-    }
-
     /// The peer (the receiver of this direction) advertised SETTINGS_HEADER_TABLE_SIZE.
     pub fn allow_table_size(&mut self, size: u32) {
         let size = usize::try_from(size)
@@ -389,4 +385,4 @@ fn keeps_payload(kind: u8) -> bool {
 
 #[cfg(test)]
 #[path = "http2_tests.rs"]
-mod tests;
+pub(crate) mod tests;
