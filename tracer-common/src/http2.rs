@@ -82,7 +82,7 @@ impl FrameHeader {
             PRIORITY => on_stream && self.length == 5,
             RST_STREAM => on_stream && self.length == 4,
             SETTINGS if self.flags & flags::ACK != 0 => !on_stream && self.length == 0,
-            SETTINGS => !on_stream && self.length % 6 == 0,
+            SETTINGS => !on_stream && self.length.is_multiple_of(6),
             PING => !on_stream && self.length == 8,
             GOAWAY => !on_stream && self.length >= 8,
             WINDOW_UPDATE => self.length == 4,
@@ -147,10 +147,12 @@ pub fn header_block_fragment<'a>(
 #[must_use]
 pub fn header_table_size(payload: &[u8]) -> Option<u32> {
     payload
-        .chunks_exact(6)
-        .filter(|s| u16::from_be_bytes([s[0], s[1]]) == SETTINGS_HEADER_TABLE_SIZE)
+        .as_chunks::<6>()
+        .0
+        .iter()
+        .rev()
+        .find(|s| u16::from_be_bytes([s[0], s[1]]) == SETTINGS_HEADER_TABLE_SIZE)
         .map(|s| u32::from_be_bytes([s[2], s[3], s[4], s[5]]))
-        .last()
 }
 
 /// Why a direction's framing was lost.

@@ -537,6 +537,24 @@ struct Answer {
     held_tls: Option<(HopSpan, u64)>,
 }
 
+impl Answer {
+    /// The connection's first request takes the socket's held connect and TLS spans along.
+    fn new(request: Pending, head: Stamp, status: u16, socket: &mut Socket) -> Self {
+        let (held_handshake, held_tls) = if request.first_on_connection {
+            (socket.held_handshake.take(), socket.held_tls.take())
+        } else {
+            (None, None)
+        };
+        Self {
+            request,
+            head,
+            status,
+            held_handshake,
+            held_tls,
+        }
+    }
+}
+
 pub struct Assembler {
     config: Config,
     sockets: HashMap<u64, Socket>,
@@ -830,18 +848,7 @@ impl Assembler {
                     stats.responses_unmatched += 1;
                     continue;
                 };
-                let (held_handshake, held_tls) = if request.first_on_connection {
-                    (socket.held_handshake.take(), socket.held_tls.take())
-                } else {
-                    (None, None)
-                };
-                let answer = Answer {
-                    request,
-                    head: head.stamp,
-                    status: response.status,
-                    held_handshake,
-                    held_tls,
-                };
+                let answer = Answer::new(request, head.stamp, response.status, socket);
                 match head.body {
                     Body::None => finish(
                         answer,

@@ -282,12 +282,9 @@ fn feed(
                 fields,
                 ..
             } if from_client => {
-                let Some(entry) = conn.stream(stream, stats) else {
+                let Some(entry) = conn.new_request(stream, stats) else {
                     continue;
                 };
-                if entry.request.is_some() || entry.request_not_decoded {
-                    continue; // trailers
-                }
                 let Some(pending) = request(fields, first, socket, config, stats) else {
                     continue;
                 };
@@ -301,12 +298,9 @@ fn feed(
                 first,
                 ..
             } if from_client => {
-                let Some(entry) = conn.stream(stream, stats) else {
+                let Some(entry) = conn.new_request(stream, stats) else {
                     continue;
                 };
-                if entry.request.is_some() || entry.request_not_decoded {
-                    continue; // trailers
-                }
                 entry.request_not_decoded = true;
                 *stats.http2.streams_not_decoded.entry(reason).or_default() += 1;
                 conn.mark(socket, reason, first, config, out);
@@ -400,6 +394,13 @@ impl Connection {
         Some(self.streams.entry(id).or_default())
     }
 
+    /// The stream's entry for its request headers; `None` when the stream already had them
+    /// (these are trailers) or there is no room.
+    fn new_request(&mut self, id: u32, stats: &mut Stats) -> Option<&mut H2Stream> {
+        self.stream(id, stats)
+            .filter(|entry| entry.request.is_none() && !entry.request_not_decoded)
+    }
+
     fn response(
         &mut self,
         stream: u32,
@@ -448,18 +449,7 @@ impl Connection {
         else {
             return;
         };
-        let (held_handshake, held_tls) = if request.first_on_connection {
-            (socket.held_handshake.take(), socket.held_tls.take())
-        } else {
-            (None, None)
-        };
-        let answer = Answer {
-            request,
-            head,
-            status,
-            held_handshake,
-            held_tls,
-        };
+        let answer = Answer::new(request, head, status, socket);
         finish(answer, Some(end), side, &socket.endpoint, env, stats, out);
     }
 
