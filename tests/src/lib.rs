@@ -3,6 +3,7 @@ pub mod bpf_objects;
 pub mod cgroup;
 pub mod firewall;
 pub mod kube_api;
+pub mod personas;
 pub mod prometheus;
 pub mod receiver;
 

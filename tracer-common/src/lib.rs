@@ -10,6 +10,7 @@
 pub mod conn;
 pub mod data;
 pub mod http;
+pub mod http2;
 pub mod maps;
 pub mod nic;
 pub mod plaintext;

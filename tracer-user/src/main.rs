@@ -14,6 +14,7 @@ mod ebpf;
 mod export;
 mod go_tls;
 mod golang;
+mod http2;
 mod kernel_offsets;
 mod kubernetes;
 mod listeners;

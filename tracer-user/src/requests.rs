@@ -39,6 +39,8 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_IN_FLIGHT: usize = 64;
 /// Longest path exported (paths are cut, never exported whole if huge).
 const MAX_PATH: usize = 256;
+/// [`Answer::status`] of a response whose status is unknown (HTTP/2 headers not decoded).
+const STATUS_UNKNOWN: u16 = 0;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -97,6 +99,7 @@ pub struct Stats {
     pub requests_overflow: u64,
     pub sockets_over_capacity: u64,
     pub tls: tls_handshake::Stats,
+    pub http2: http2::Http2Stats,
 }
 
 impl Stats {
@@ -106,7 +109,7 @@ impl Stats {
             "requests {}, request spans {}, not sampled {}, untraced ignored {}, invalid \
              traceparent {invalid} {:?}, truncated heads {}, malformed heads {}, non-HTTP records \
              {}, unmatched responses {}, early receives held {}, unanswered requests {}, pipelining overflow {}, sockets \
-             over capacity {}; {}",
+             over capacity {}; {}; {}",
             self.requests,
             self.spans,
             self.not_sampled,
@@ -121,6 +124,7 @@ impl Stats {
             self.requests_overflow,
             self.sockets_over_capacity,
             self.tls.summary(),
+            self.http2.summary(),
         )
     }
 }
@@ -496,6 +500,8 @@ struct Pending {
     trace_origin: &'static str,
     first_on_connection: bool,
     truncated: bool,
+    /// `network.protocol.version`: "1.1" or "2".
+    protocol_version: &'static str,
 }
 
 #[derive(Debug, Default)]
@@ -517,6 +523,8 @@ struct Socket {
     answering: Option<Answer>,
     /// Receives that came before the request they answer.
     early: EarlyReceives,
+    /// Whether the socket speaks HTTP/2, and its streams when it does.
+    http2: http2::Http2,
 }
 
 /// A request with its response head, waiting for the response's last byte.
@@ -527,6 +535,24 @@ struct Answer {
     status: u16,
     held_handshake: Option<(HopSpan, u64)>,
     held_tls: Option<(HopSpan, u64)>,
+}
+
+impl Answer {
+    /// The connection's first request takes the socket's held connect and TLS spans along.
+    fn new(request: Pending, head: Stamp, status: u16, socket: &mut Socket) -> Self {
+        let (held_handshake, held_tls) = if request.first_on_connection {
+            (socket.held_handshake.take(), socket.held_tls.take())
+        } else {
+            (None, None)
+        };
+        Self {
+            request,
+            head,
+            status,
+            held_handshake,
+            held_tls,
+        }
+    }
 }
 
 pub struct Assembler {
@@ -709,6 +735,16 @@ impl Assembler {
             }
             _ => {}
         }
+        let record = http2::Record {
+            data,
+            len: u64::from(event.len),
+            stamp,
+            sending,
+            plaintext: plaintext_from.is_some(),
+        };
+        if http2::route(socket, &record, config, &env, stats, out) {
+            return VecDeque::new();
+        }
         if socket.side.is_none() {
             // A connection older than the agent: who is the client shows in the first bytes.
             socket.side = match (
@@ -812,18 +848,7 @@ impl Assembler {
                     stats.responses_unmatched += 1;
                     continue;
                 };
-                let (held_handshake, held_tls) = if request.first_on_connection {
-                    (socket.held_handshake.take(), socket.held_tls.take())
-                } else {
-                    (None, None)
-                };
-                let answer = Answer {
-                    request,
-                    head: head.stamp,
-                    status: response.status,
-                    held_handshake,
-                    held_tls,
-                };
+                let answer = Answer::new(request, head.stamp, response.status, socket);
                 match head.body {
                     Body::None => finish(
                         answer,
@@ -904,7 +929,8 @@ impl Assembler {
                 );
                 socket.held_tls = Some((span, 0));
             }
-            self.stats.requests_unanswered += socket.in_flight.len() as u64;
+            self.stats.requests_unanswered +=
+                socket.in_flight.len() as u64 + socket.http2.unanswered();
             if let (Some(answer), Some(side)) = (socket.answering.take(), socket.side) {
                 // The connection ended (or went idle) inside the body: the end is unknown.
                 let env = SpanEnv {
@@ -968,20 +994,54 @@ fn parse_request(
             return None;
         }
     };
-    stats.requests += 1;
     if head.truncated {
         stats.heads_truncated += 1;
     }
     let traceparents: Vec<&[u8]> = request.headers.get_all(b"traceparent").collect();
-    let parsed = match traceparents.as_slice() {
+    let trace_context = TraceContext {
+        traceparents: &traceparents,
+        tracestate: request.headers.get(b"tracestate"),
+        truncated: head.truncated,
+    };
+    let (ids, origin) = request_ids(trace_context, untraced, sampler, stats);
+    let path = String::from_utf8_lossy(request.path());
+    Some(Pending {
+        stamp: head.stamp,
+        method: String::from_utf8_lossy(request.method).into_owned(),
+        path: path.chars().take(MAX_PATH).collect(),
+        ids,
+        trace_origin: origin,
+        first_on_connection,
+        truncated: head.truncated,
+        protocol_version: "1.1",
+    })
+}
+
+/// A request's trace context fields, as its head carried them.
+struct TraceContext<'a> {
+    traceparents: &'a [&'a [u8]],
+    tracestate: Option<&'a [u8]>,
+    /// The head was not all captured: an absent traceparent may be in the bytes not seen.
+    truncated: bool,
+}
+
+/// Counts a request and gives its span's ids (`None` when not sampled, or untraced and ignored:
+/// the request still answers its response) and trace origin.
+fn request_ids(
+    context: TraceContext<'_>,
+    untraced: Untraced,
+    sampler: Sampler,
+    stats: &mut Stats,
+) -> (Option<SpanIds>, &'static str) {
+    stats.requests += 1;
+    let parsed = match context.traceparents {
         [] => Err("absent"),
         [one] => trace_context::parse_traceparent(one).map_err(|e| e.as_str()),
         // Two traceparent headers: which one is right is unknowable (W3C §3.2).
         _ => Err("duplicate"),
     };
-    let trace_state = request
-        .headers
-        .get(b"tracestate")
+    let trace_state = context
+        .tracestate
         .filter(|v| trace_context::validate_tracestate(v).is_ok())
         .and_then(|v| std::str::from_utf8(v).ok())
         .map(str::to_string);
@@ -1003,7 +1063,7 @@ fn parse_request(
                 *stats.traceparent_invalid.entry(reason).or_default() += 1;
             }
             // Truncated before any traceparent showed: it may be in the bytes not captured.
-            let origin = if reason == "absent" && head.truncated {
+            let origin = if reason == "absent" && context.truncated {
                 "hoptrace (head truncated before any traceparent)"
             } else if reason == "absent" {
                 "hoptrace"
@@ -1026,16 +1086,7 @@ fn parse_request(
     if !keep && ids.is_some() {
         stats.not_sampled += 1;
     }
-    let path = String::from_utf8_lossy(request.path());
-    Some(Pending {
-        stamp: head.stamp,
-        method: String::from_utf8_lossy(request.method).into_owned(),
-        path: path.chars().take(MAX_PATH).collect(),
-        ids: ids.filter(|_| keep),
-        trace_origin: origin,
-        first_on_connection,
-        truncated: head.truncated,
-    })
+    (ids.filter(|_| keep), origin)
 }
 
 /// Emits the spans of an answered request. `end` is the record that moved the response's last
@@ -1086,9 +1137,8 @@ fn build_spans(
     let mut attributes: Vec<(&'static str, Value)> = vec![
         ("http.request.method", request.method.clone().into()),
         ("url.path", request.path.clone().into()),
-        ("http.response.status_code", i64::from(status).into()),
         ("network.protocol.name", "http".into()),
-        ("network.protocol.version", "1.1".into()),
+        ("network.protocol.version", request.protocol_version.into()),
         ("hoptrace.layers", layers.into()),
         ("hoptrace.trace_origin", request.trace_origin.into()),
         (
@@ -1096,6 +1146,14 @@ fn build_spans(
             request.first_on_connection.into(),
         ),
     ];
+    if status != STATUS_UNKNOWN {
+        attributes.insert(2, ("http.response.status_code", i64::from(status).into()));
+    } else {
+        attributes.push((
+            "hoptrace.uncertain",
+            "status: the response's headers were not decoded".into(),
+        ));
+    }
     attributes.extend(endpoint_attributes(endpoint, side));
     if let Some(from) = endpoint.plaintext_from {
         attributes.push(("url.scheme", "https".into()));
@@ -1284,6 +1342,9 @@ fn tls_bytes(
             Side::Server
         });
         if route == tls_handshake::Route::Tls(tls_handshake::Progress::Ready) {
+            if handshake.alpn_chose_h2() {
+                socket.http2.alpn_chose_h2();
+            }
             let span = handshake.span(tls_attributes(&socket.endpoint, socket.side), stats);
             socket.tls = Tls::Ignored;
             let failed = span.error.is_some();
@@ -1371,6 +1432,8 @@ fn endpoint(event: &DataEvent) -> Endpoint {
     }
 }
 
+#[path = "requests_http2.rs"]
+mod http2;
 #[cfg(test)]
 #[path = "requests_tests.rs"]
 mod tests;

@@ -11,6 +11,9 @@ use tracer_common::{
 
 use super::*;
 
+#[path = "requests_http2_tests.rs"]
+mod http2_replay;
+
 const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 const TP_TRACE: [u8; 16] = [
     0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e, 0x47, 0x36,
@@ -1097,17 +1100,27 @@ fn binary_data_is_counted_not_traced() {
         [0x16, 0x03, 0x03, 0x00, 0x7a, 0x02],
         At(1_100, 1_101, 1_102),
     );
+    assert!(r.out.is_empty());
+    // TLS is the handshake tracker's, not HTTP garbage.
+    assert_eq!((r.stats().non_http_records, r.stats().requests), (0, 0));
+    assert_eq!(r.stats().tls.handshakes, 1);
+    // HTTP/2 is requests_http2's: a frame no peer would send (DATA on stream 0) is not
+    // decoded, and says so, never as HTTP/1.x garbage.
     r.send(SK2, h2_preface, At(1_000, 1_001, 1_002));
     r.recv(SK2, [0u8; 9], At(1_100, 1_101, 1_102));
-    assert!(r.out.is_empty());
-    // TLS is the handshake tracker's, not HTTP garbage; HTTP/2 is.
-    assert_eq!((r.stats().non_http_records, r.stats().requests), (2, 0));
-    assert_eq!(r.stats().tls.handshakes, 1);
+    let marker = named(&r.out, "HTTP/2 not decoded");
+    assert_eq!(marker.len(), 1, "{:#?}", r.out);
+    assert_eq!(
+        marker[0].attr("hoptrace.http2.not_decoded"),
+        Some(&Value::from("implausible frame header"))
+    );
+    assert_eq!((r.stats().non_http_records, r.stats().requests), (0, 0));
 
     // On a connection known to be a client's: counted once, then skipped until a head starts.
     let mut r = Replay::new();
     r.connect(SK, 1_000, 1_100);
-    // An HTTP/2 SETTINGS frame header (TLS would go to the handshake tracker).
+    // An HTTP/2 SETTINGS frame header, which only a server starts with (TLS would go to the
+    // handshake tracker).
     r.send(
         SK,
         [0u8, 0, 0x12, 4, 0, 0, 0, 0, 0],

@@ -333,6 +333,13 @@ impl Handshake {
         handshake
     }
 
+    /// The ServerHello chose `h2` by ALPN (visible up to TLS 1.2 only).
+    pub fn alpn_chose_h2(&self) -> bool {
+        self.chosen
+            .alpn
+            .is_some_and(|bytes| bytes[..usize::from(self.chosen.alpn_len)] == *b"h2")
+    }
+
     /// Whether this socket sent the ClientHello.
     pub fn is_client(&self) -> bool {
         self.client
