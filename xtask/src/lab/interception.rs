@@ -43,6 +43,16 @@ impl Lab {
     /// to it. Returns once haproxy accepts connections. One at a time per lab (its port is
     /// fixed).
     pub fn start_tls_interception(&self) -> Result<TlsInterception<'_>> {
+        self.start_tls_interception_limited(None)
+    }
+
+    /// Like [`Lab::start_tls_interception`], with haproxy's own leg to the persona limited to
+    /// TLS `max_version` (haproxy's `ssl-max-ver`, e.g. `TLSv1.2`; the agent's leg is limited
+    /// by the agent's client).
+    pub fn start_tls_interception_limited(
+        &self,
+        max_version: Option<&str>,
+    ) -> Result<TlsInterception<'_>> {
         let dir = self.temp_dir().join("interception");
         fs::create_dir_all(&dir).context("creating the interception's directory")?;
         let ca = pki::create_ca(&dir, "interception")?;
@@ -58,8 +68,11 @@ impl Lab {
         pem.extend(fs::read(&forged.key).context("reading the forged key")?);
         fs::write(&bundle, pem).context("writing the forged certificate bundle")?;
         let config = dir.join("haproxy.cfg");
-        fs::write(&config, haproxy_config(&bundle, self.persona_ca()))
-            .context("writing haproxy.cfg")?;
+        fs::write(
+            &config,
+            haproxy_config(&bundle, self.persona_ca(), max_version),
+        )
+        .context("writing haproxy.cfg")?;
         let log = dir.join("haproxy.log");
         let rule: Vec<String> = [
             "PREROUTING",
@@ -137,7 +150,8 @@ impl Drop for TlsInterception<'_> {
 /// keeps `traceparent`). `0.0.0.0:0` is the connection's original destination (before the nat
 /// REDIRECT), verified against the persona's CA under the persona's name. `maxconn` stays low
 /// enough that haproxy need not raise its descriptor limit (it refuses to start when it cannot).
-fn haproxy_config(forged: &Path, persona_ca: &Path) -> String {
+fn haproxy_config(forged: &Path, persona_ca: &Path, max_version: Option<&str>) -> String {
+    let limit = max_version.map_or(String::new(), |v| format!(" ssl-max-ver {v}"));
     format!(
         "global\n\
          \x20   maxconn 4000\n\
@@ -150,7 +164,7 @@ fn haproxy_config(forged: &Path, persona_ca: &Path) -> String {
          \x20   bind :{INTERCEPTION_PORT} ssl crt {forged}\n\
          \x20   default_backend original_destination\n\
          backend original_destination\n\
-         \x20   server orig 0.0.0.0:0 ssl verify required ca-file {ca} sni str({PERSONA_TLS_NAME})\n",
+         \x20   server orig 0.0.0.0:0 ssl verify required ca-file {ca} sni str({PERSONA_TLS_NAME}){limit}\n",
         forged = forged.display(),
         ca = persona_ca.display(),
     )
