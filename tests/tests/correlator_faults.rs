@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use hoptrace_tests::{
     agent::Agent,
-    firewall::{PARENT_ID, deploy_correlated, lab, set_delays},
+    firewall::{Deployment, PARENT_ID, deploy_correlated, lab, set_delays},
     receiver::{OtlpReceiver, ReceivedSpan},
 };
 use xtask::lab::{Host, Lab};
@@ -68,6 +68,23 @@ fn wait_for(receiver: &OtlpReceiver, trace: &str, name: &str, hop: &str) {
         .unwrap_or_else(|e| panic!("waiting for {name} ({hop}) of {trace}: {e:#}"));
 }
 
+/// Stops the correlator; its closing counts must hold `counts`.
+fn stop_expecting(deployment: &mut Deployment, counts: &str, context: &str) {
+    let status = deployment.correlator.stop().expect("correlator stops");
+    let log = deployment.correlator.stderr();
+    assert!(status.success(), "{log}");
+    assert!(log.contains(counts), "{counts}:\n{log}{context}");
+}
+
+fn assert_no_firewall_span(spans: &[ReceivedSpan], trace: &str) {
+    assert!(
+        !spans
+            .iter()
+            .any(|s| s.trace_id == trace && s.name.starts_with("firewall")),
+        "{spans:#?}"
+    );
+}
+
 #[test]
 fn a_restarted_correlator_joins_again_and_exports_straddling_requests_one_sided() {
     let lab = lab();
@@ -105,21 +122,14 @@ fn a_restarted_correlator_joins_again_and_exports_straddling_requests_one_sided(
     // The straddling request's persona side waits out the window in the new correlator and is
     // counted one-sided; both its sides were exported, no firewall span was made up.
     std::thread::sleep(Duration::from_secs(WINDOW_S + 2));
-    let status = deployment.correlator.stop().expect("correlator stops");
-    let log = deployment.correlator.stderr();
-    assert!(status.success(), "{log}");
-    assert!(
-        log.contains("firewall joins 2, one-sided 1, late 0,"),
-        "{log}\nfirst correlator:\n{first_log}"
+    stop_expecting(
+        &mut deployment,
+        "firewall joins 2, one-sided 1, late 0,",
+        &format!("\nfirst correlator:\n{first_log}"),
     );
     let spans = receiver.spans();
     assert!(has(&spans, straddling, "GET", "agent") && has(&spans, straddling, "GET", "persona"));
-    assert!(
-        !spans
-            .iter()
-            .any(|s| s.trace_id == straddling && s.name.starts_with("firewall")),
-        "{spans:#?}"
-    );
+    assert_no_firewall_span(&spans, straddling);
     for trace in [before, during, after] {
         let firewall = spans
             .iter()
@@ -156,12 +166,10 @@ fn a_side_arriving_after_its_partner_was_evicted_is_counted_late() {
         std::thread::sleep(Duration::from_secs(WINDOW_S + 2));
     }
     wait_for(&receiver, late, "GET", "persona");
-    let status = deployment.correlator.stop().expect("correlator stops");
-    let log = deployment.correlator.stderr();
-    assert!(status.success(), "{log}");
-    assert!(
-        log.contains("firewall joins 0, one-sided 1, late 1,"),
-        "{log}"
+    stop_expecting(
+        &mut deployment,
+        "firewall joins 0, one-sided 1, late 1,",
+        "",
     );
     // Passed on as it came, unjoined.
     let spans = receiver.spans();
@@ -172,9 +180,5 @@ fn a_side_arriving_after_its_partner_was_evicted_is_counted_late() {
         })
         .unwrap();
     assert_eq!(persona.parent_span_id, PARENT_ID);
-    assert!(
-        !spans
-            .iter()
-            .any(|s| s.trace_id == late && s.name.starts_with("firewall"))
-    );
+    assert_no_firewall_span(&spans, late);
 }
