@@ -232,31 +232,51 @@ pub fn free_port() -> u16 {
 /// The correlator exporting to `receiver`, and an agent per side exporting to it.
 pub struct Deployment {
     pub correlator: Agent,
-    _agents: [Agent; 2],
+    /// The agent-side agent, then the persona-side one.
+    pub agents: [Agent; 2],
+    correlator_args: Vec<String>,
+    correlator_env: Vec<(&'static str, String)>,
+}
+
+impl Deployment {
+    /// Kills the correlator (SIGKILL: nothing it holds is flushed); returns its log.
+    pub fn kill_correlator(&mut self) -> String {
+        self.correlator.kill().expect("kill the correlator");
+        self.correlator.stderr()
+    }
+
+    /// Starts a new correlator on the same ports (after [`Deployment::kill_correlator`]).
+    pub fn restart_correlator(&mut self) {
+        self.correlator = start_correlator(&self.correlator_args, &self.correlator_env);
+    }
+}
+
+fn start_correlator(args: &[String], env: &[(&'static str, String)]) -> Agent {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Agent::start_correlator(&args, &env).expect("correlator")
 }
 
 /// `join_window_s`: how long a side waits for the other.
 pub fn deploy_correlated(lab: &Lab, receiver: &OtlpReceiver, join_window_s: u64) -> Deployment {
     let (grpc, http) = (free_port(), free_port());
-    let window = join_window_s.to_string();
     let (grpc_listen, http_listen) = (format!("127.0.0.1:{grpc}"), format!("127.0.0.1:{http}"));
-    let endpoint = receiver.grpc_endpoint();
-    let correlator = Agent::start_correlator(
-        &[
-            "--grpc-listen",
-            &grpc_listen,
-            "--http-listen",
-            &http_listen,
-            "--join-window",
-            &window,
-        ],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-            ("OTEL_SERVICE_NAME", "hoptrace-correlator-test"),
-        ],
-    )
-    .expect("correlator");
+    let correlator_args: Vec<String> = [
+        "--grpc-listen",
+        &grpc_listen,
+        "--http-listen",
+        &http_listen,
+        "--join-window",
+        &join_window_s.to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let correlator_env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.grpc_endpoint()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_owned()),
+        ("OTEL_SERVICE_NAME", "hoptrace-correlator-test".to_owned()),
+    ];
+    let correlator = start_correlator(&correlator_args, &correlator_env);
     let agent = |host: Host, endpoint: String, protocol: &str, service: &str| {
         Agent::start(
             &["--netns", lab.netns(host).name()],
@@ -284,6 +304,8 @@ pub fn deploy_correlated(lab: &Lab, receiver: &OtlpReceiver, join_window_s: u64)
     ];
     Deployment {
         correlator,
-        _agents: agents,
+        agents,
+        correlator_args,
+        correlator_env,
     }
 }

@@ -1,5 +1,6 @@
 pub mod agent;
 pub mod bpf_objects;
+pub mod capture;
 pub mod cgroup;
 pub mod firewall;
 pub mod kube_api;

@@ -21,11 +21,14 @@
 //! keys wait; older ones are evicted and counted, and so are the host pairs whose offsets are
 //! tracked.
 
+mod late;
+
 use std::{
     borrow::Cow,
     collections::{HashMap, VecDeque},
 };
 
+use self::late::GivenUp;
 use crate::{
     clock_offset::{Added, OffsetEstimator},
     span::{HopSpan, Role, SpanIds, Value},
@@ -63,6 +66,9 @@ pub struct Stats {
     pub joined: u64,
     /// A side whose partner never came within the window.
     pub one_sided: u64,
+    /// A side whose partner had already been given up on (one-sided or evicted): it is passed
+    /// on unjoined at once, and not counted one-sided again.
+    pub late: u64,
     /// A side evicted because `max_pending` keys were waiting.
     pub evicted_full: u64,
     /// The same span (span id) seen again while waiting: a replay, ignored.
@@ -80,10 +86,11 @@ pub struct Stats {
 impl Stats {
     pub fn summary(&self) -> String {
         format!(
-            "firewall joins {}, one-sided {}, evicted (table full) {}, duplicates {}, \
+            "firewall joins {}, one-sided {}, late {}, evicted (table full) {}, duplicates {}, \
              inconsistent {}, clock steps {}, stale offsets {}",
             self.joined,
             self.one_sided,
+            self.late,
             self.evicted_full,
             self.duplicates,
             self.inconsistent,
@@ -204,6 +211,8 @@ pub struct Correlator {
     waiting: HashMap<Key, Waiting>,
     /// Keys in arrival order with the time they arrived at, for eviction.
     order: VecDeque<(Key, u64)>,
+    /// Sides evicted, so that a partner still arriving is told apart as late.
+    given_up: GivenUp<Key>,
     /// Per (agent clock domain, persona clock domain).
     offsets: HashMap<(String, String), OffsetEstimator>,
     pub stats: Stats,
@@ -212,11 +221,12 @@ pub struct Correlator {
 impl Correlator {
     pub fn new(config: Config) -> Self {
         Self {
-            config,
             waiting: HashMap::new(),
             order: VecDeque::new(),
+            given_up: GivenUp::new(config.max_pending),
             offsets: HashMap::new(),
             stats: Stats::default(),
+            config,
         }
     }
 
@@ -270,6 +280,12 @@ impl Correlator {
                     None => self.stats.inconsistent += 1,
                 }
             }
+            None if self.given_up.take_partner(&key, is_agent) => {
+                if waiting.agent.is_empty() && waiting.persona.is_empty() {
+                    self.waiting.remove(&key);
+                }
+                self.stats.late += 1;
+            }
             None => {
                 own.push_back(side);
                 self.order.push_back((key, now_ns));
@@ -289,13 +305,15 @@ impl Correlator {
             self.order.pop_front();
             if let Some(waiting) = self.waiting.get_mut(&key) {
                 // Only a side still waiting since `at`; one that was joined since is gone.
-                let queue = if waiting.agent.front().is_some_and(|s| s.arrived_ns == at) {
+                let agent_side = waiting.agent.front().is_some_and(|s| s.arrived_ns == at);
+                let queue = if agent_side {
                     &mut waiting.agent
                 } else {
                     &mut waiting.persona
                 };
                 if queue.front().is_some_and(|s| s.arrived_ns == at) {
                     queue.pop_front();
+                    self.given_up.remember(key, agent_side);
                     if expired {
                         self.stats.one_sided += 1;
                     } else {
@@ -693,6 +711,74 @@ mod tests {
         observe(&mut c, &late, &mut out);
         assert_eq!(c.stats.one_sided, 1);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_side_whose_partner_was_given_up_on_is_late_not_one_sided() {
+        let mut c = Correlator::new(Config {
+            window_ns: 100,
+            ..Config::default()
+        });
+        let mut out = Vec::new();
+        // The agent side waits alone past the window and is evicted...
+        c.observe(
+            &agent(1_000, 1_040, 1_001, 1_039, "c"),
+            &ClockInfo::this_host(),
+            1_040,
+            &mut out,
+        );
+        c.evict(1_200);
+        assert_eq!((c.stats.one_sided, c.pending()), (1, 0));
+        // ...then its persona side comes: late, not joined, not waiting for a second eviction.
+        c.observe(
+            &persona(1_020, 1_025, "c"),
+            &ClockInfo::this_host(),
+            1_300,
+            &mut out,
+        );
+        c.evict(10_000);
+        assert!(out.is_empty());
+        assert_eq!(
+            (c.stats.late, c.stats.one_sided, c.stats.joined, c.pending()),
+            (1, 1, 0, 0)
+        );
+        // The next request under the same key pairs as usual.
+        observe(&mut c, &persona(2_020, 2_025, "c"), &mut out);
+        observe(&mut c, &agent(2_000, 2_040, 2_001, 2_039, "c"), &mut out);
+        assert_eq!((c.stats.joined, out.len()), (1, 3));
+    }
+
+    #[test]
+    fn a_wall_clock_step_between_two_agents_on_one_kernel_makes_no_span() {
+        // One kernel, two agents mapping its clock to wall time: one mapped before a 20 ms step,
+        // the other after. The sides then contradict each other beyond the mapping error.
+        let mut c = Correlator::new(Config::default());
+        let mut out = Vec::new();
+        let clock = ClockInfo {
+            domain: Some("boot-id".into()),
+            synchronized: true,
+            maxerror_ns: 0,
+            mapping_error_ns: 50_000,
+        };
+        let step = 20_000_000;
+        for (shift, joined_spans) in [(step, 0), (-step, 0), (10_000, 3)] {
+            out.clear();
+            let start = 1_000_000_000u64;
+            let p_in = (start as i64 + 3_000_000 + shift) as u64;
+            c.observe(
+                &persona(p_in, p_in + 1_000_000, "c"),
+                &clock,
+                start,
+                &mut out,
+            );
+            let a = agent(start, start + 6_000_000, start + 1, start + 5_999_999, "c");
+            c.observe(&a, &clock, start, &mut out);
+            assert_eq!(out.len(), joined_spans, "shift {shift}: {out:#?}");
+            assert!(out.iter().all(|s| s.end_ns >= s.start_ns
+                && s.start_ns >= a.start_ns
+                && s.end_ns <= a.end_ns));
+        }
+        assert_eq!((c.stats.joined, c.stats.inconsistent), (3, 2));
     }
 
     #[test]

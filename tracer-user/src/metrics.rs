@@ -261,7 +261,7 @@ impl Metrics {
         let joins = MirrorFamily::default();
         registry.register(
             "firewall_joins",
-            "Single-host firewall joins by outcome (joined, one_sided, inconsistent)",
+            "Single-host firewall joins by outcome (joined, one_sided, late, inconsistent)",
             joins.family.clone(),
         );
         let export_pending = Gauge::default();
@@ -337,6 +337,7 @@ impl Metrics {
         let j = observed.joins;
         self.joins.set("joined", j.joined);
         self.joins.set("one_sided", j.one_sided);
+        self.joins.set("late", j.late);
         self.joins.set("inconsistent", j.inconsistent);
         let e = observed.export;
         let queued = e.queued.load(Ordering::Relaxed);

@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// The lab (agent -> fw -> persona namespaces, nginx and a Python server, per-direction
-    /// delays in the fw) with the hoptrace agent printing what it sees.
+    /// delays and TLS interception in the fw) with the hoptrace agent printing what it sees.
     Demo {
         /// Delay added to packets from the agent towards the persona, in ms.
         #[arg(long, default_value_t = 20)]
@@ -167,6 +167,11 @@ fn demo(forward_ms: u64, return_ms: u64) -> anyhow::Result<()> {
     println!(
         "== fw delays: forward +{forward_ms} ms, return +{return_ms} ms (NFQUEUE holder in the fw namespace)"
     );
+    let interception = lab.start_tls_interception()?;
+    println!(
+        "== fw intercepts TLS to {PERSONA_IP}:443: haproxy presents a certificate forged by the fw's \
+         CA (which the agent trusts) and opens its own TLS connection to the persona"
+    );
     println!(
         "== hoptrace agent observes the agent and persona namespaces, not the fw (it cannot speak)\n"
     );
@@ -181,18 +186,26 @@ fn demo(forward_ms: u64, return_ms: u64) -> anyhow::Result<()> {
             0xa3ce_929d_0000_0000_u64 | u64::from(n)
         )
     };
+    let ca = interception.ca().to_string_lossy().into_owned();
     let requests = [
         (
             "nginx, two requests on one keep-alive connection",
             vec![lab.nginx_url("/"), lab.nginx_url("/big")],
+            vec![],
         ),
-        ("python http.server", vec![lab.python_url("/")]),
+        (
+            "HTTPS through the fw's TLS interception, two requests on one connection",
+            vec![lab.nginx_https_url("/"), lab.nginx_https_url("/")],
+            vec!["--cacert", ca.as_str()],
+        ),
+        ("python http.server", vec![lab.python_url("/")], vec![]),
         (
             "nothing listening",
             vec![format!("http://{PERSONA_IP}:81/")],
+            vec![],
         ),
     ];
-    for (n, (what, urls)) in requests.iter().enumerate() {
+    for (n, (what, urls, options)) in requests.iter().enumerate() {
         let header = traceparent(n as u32 + 1);
         let mut argv = vec![
             "curl",
@@ -208,6 +221,7 @@ fn demo(forward_ms: u64, return_ms: u64) -> anyhow::Result<()> {
             "-H",
             &header,
         ];
+        argv.extend(options);
         argv.extend(urls.iter().map(String::as_str));
         let output = lab.exec(Host::Agent, &argv).output()?;
         let totals: Vec<String> = String::from_utf8_lossy(&output.stdout)
@@ -228,6 +242,7 @@ fn demo(forward_ms: u64, return_ms: u64) -> anyhow::Result<()> {
     }
     thread::sleep(Duration::from_millis(500));
     agent.stop();
+    drop(interception);
     let rtt = forward_ms + return_ms;
     println!(
         "\nread it (spans of one request share its trace id, the first column after the time):\n\
@@ -242,6 +257,13 @@ fn demo(forward_ms: u64, return_ms: u64) -> anyhow::Result<()> {
          \x20 agent's NIC -> reaching the persona's ({forward_ms} ms), firewall.return = response leaving\n\
          \x20 the persona's NIC -> reaching the agent's ({return_ms} ms); agent - persona is all the time\n\
          \x20 spent outside the persona (with the connect and the body's transfer);\n\
+         - HTTPS through the interception: two TCP and two TLS connections. The agent's tcp.connect\n\
+         \x20 and tls.handshake time its leg to the fw (haproxy answers the SYN and the ClientHello:\n\
+         \x20 {forward_ms} ms forward delay, no return delay); the persona's tcp.accept and tls.handshake,\n\
+         \x20 from the fw's address 10.10.2.1, time haproxy's own leg ({return_ms} ms return delay only);\n\
+         \x20 the firewall spans are joined by trace context (mode proxy). haproxy opens its leg once it\n\
+         \x20 has the first request: that request's firewall.forward holds the {forward_ms} ms plus the\n\
+         \x20 fw's connect and handshake to the persona; the second one reuses the leg;\n\
          - the connect to :81 is an ERROR span: refused."
     );
     Ok(())

@@ -28,6 +28,16 @@ use super::{
 /// haproxy's port in fw: where the nat rule redirects the agent's TLS connections.
 pub const INTERCEPTION_PORT: u16 = 8443;
 
+/// How haproxy's own TLS connections to the persona are negotiated.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PersonaLeg<'a> {
+    /// haproxy's `ssl-max-ver` (e.g. `TLSv1.2`); None: up to TLS 1.3.
+    pub max_version: Option<&'a str>,
+    /// A full handshake on every connection (haproxy's `no-ssl-reuse`); by default haproxy
+    /// resumes its last TLS session with the server.
+    pub full_handshakes: bool,
+}
+
 /// A running interception; dropping it removes the redirect and stops haproxy.
 pub struct TlsInterception<'lab> {
     lab: &'lab Lab,
@@ -43,6 +53,12 @@ impl Lab {
     /// to it. Returns once haproxy accepts connections. One at a time per lab (its port is
     /// fixed).
     pub fn start_tls_interception(&self) -> Result<TlsInterception<'_>> {
+        self.start_tls_interception_with(PersonaLeg::default())
+    }
+
+    /// Like [`Lab::start_tls_interception`], with haproxy's own leg to the persona negotiated
+    /// as `leg` says (the agent's leg is the agent's client's choice).
+    pub fn start_tls_interception_with(&self, leg: PersonaLeg<'_>) -> Result<TlsInterception<'_>> {
         let dir = self.temp_dir().join("interception");
         fs::create_dir_all(&dir).context("creating the interception's directory")?;
         let ca = pki::create_ca(&dir, "interception")?;
@@ -58,7 +74,7 @@ impl Lab {
         pem.extend(fs::read(&forged.key).context("reading the forged key")?);
         fs::write(&bundle, pem).context("writing the forged certificate bundle")?;
         let config = dir.join("haproxy.cfg");
-        fs::write(&config, haproxy_config(&bundle, self.persona_ca()))
+        fs::write(&config, haproxy_config(&bundle, self.persona_ca(), leg))
             .context("writing haproxy.cfg")?;
         let log = dir.join("haproxy.log");
         let rule: Vec<String> = [
@@ -137,7 +153,13 @@ impl Drop for TlsInterception<'_> {
 /// keeps `traceparent`). `0.0.0.0:0` is the connection's original destination (before the nat
 /// REDIRECT), verified against the persona's CA under the persona's name. `maxconn` stays low
 /// enough that haproxy need not raise its descriptor limit (it refuses to start when it cannot).
-fn haproxy_config(forged: &Path, persona_ca: &Path) -> String {
+fn haproxy_config(forged: &Path, persona_ca: &Path, leg: PersonaLeg<'_>) -> String {
+    let mut options = leg
+        .max_version
+        .map_or(String::new(), |v| format!(" ssl-max-ver {v}"));
+    if leg.full_handshakes {
+        options += " no-ssl-reuse";
+    }
     format!(
         "global\n\
          \x20   maxconn 4000\n\
@@ -150,7 +172,7 @@ fn haproxy_config(forged: &Path, persona_ca: &Path) -> String {
          \x20   bind :{INTERCEPTION_PORT} ssl crt {forged}\n\
          \x20   default_backend original_destination\n\
          backend original_destination\n\
-         \x20   server orig 0.0.0.0:0 ssl verify required ca-file {ca} sni str({PERSONA_TLS_NAME})\n",
+         \x20   server orig 0.0.0.0:0 ssl verify required ca-file {ca} sni str({PERSONA_TLS_NAME}){options}\n",
         forged = forged.display(),
         ca = persona_ca.display(),
     )

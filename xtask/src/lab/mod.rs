@@ -47,7 +47,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-pub use self::interception::{INTERCEPTION_PORT, TlsInterception};
+pub use self::interception::{INTERCEPTION_PORT, PersonaLeg, TlsInterception};
 pub use self::{
     cmd::run_command,
     netns::{NETNS_DIR, Netns},
