@@ -104,9 +104,11 @@ pub enum Counter {
     /// A TLS library call moved bytes, but no socket in scope was known for its session (its
     /// ciphertext never passed a syscall the agent saw, or the socket is out of scope).
     PlaintextUnjoined = 6,
+    /// TLS library handshake records (`crate::handshake_call::HandshakeCallEvent`) submitted.
+    HandshakeCallSubmitted = 7,
 }
 /// Number of entries in [`COUNTERS`].
-pub const COUNTER_COUNT: u32 = 7;
+pub const COUNTER_COUNT: u32 = 8;
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for KernelOffsets {}

@@ -102,6 +102,7 @@ pub fn on_ciphertext(pid_tgid: u64, record: &DataEvent) {
         .get_ptr_mut(&pid_tgid)
         .or_else(|| crate::tls_go::current_call(pid_tgid))
     else {
+        crate::tls_openssl_handshake::on_ciphertext(pid_tgid, &ciphertext);
         if record.direction == DIRECTION_SEND {
             send_pending(pid_tgid, &ciphertext);
         } else {

@@ -318,6 +318,9 @@ fn drain(
             Ok(Event::Plaintext(event)) => {
                 pipeline.assembler.on_plaintext(event, &mut pipeline.spans)
             }
+            Ok(Event::HandshakeCall(event)) => pipeline
+                .assembler
+                .on_handshake_call(&event, &mut pipeline.spans),
             Err(e) => {
                 if counts.decode_errors == 0 {
                     log::warn!("undecodable ring-buffer record (counted, skipped): {e}");

@@ -24,6 +24,7 @@ mod scope;
 mod settings;
 mod span;
 mod tls_handshake;
+mod tls_library;
 mod tls_uprobes;
 mod tracefs;
 
