@@ -1,6 +1,7 @@
 pub mod agent;
 pub mod bpf_objects;
 pub mod firewall;
+pub mod go_server;
 pub mod receiver;
 
 /// Timing checks of the end-to-end tests: the lab's delays are exact to well under this.

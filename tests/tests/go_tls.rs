@@ -10,6 +10,7 @@ use std::{
 
 use hoptrace_tests::{
     agent::Agent,
+    go_server::{start_go_server, wait_listening},
     receiver::{OtlpReceiver, ReceivedSpan, span_kind},
 };
 use xtask::lab::{
@@ -22,32 +23,6 @@ const GO_LIBRARY: &str = "go crypto/tls";
 
 fn traceparent(trace_id: &str) -> String {
     format!("traceparent: 00-{trace_id}-{PARENT_ID}-01")
-}
-
-/// Waits until `addr` in the persona accepts TCP connections.
-fn wait_listening(lab: &Lab, server: &mut Background, addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let up = lab
-            .run_in(Host::Persona, || {
-                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-            })
-            .unwrap();
-        if up {
-            return;
-        }
-        assert!(
-            server.try_wait().unwrap().is_none(),
-            "{} exited before listening",
-            server.label()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "{} not listening",
-            server.label()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Debian's caddy serving HTTPS for persona.lab on `port`, state and logs in the lab's dir.
@@ -79,25 +54,6 @@ fn start_caddy(lab: &Lab, port: u16) -> Background {
     let mut caddy = Background::spawn(&mut cmd).unwrap();
     wait_listening(lab, &mut caddy, SocketAddr::new(PERSONA_IP.into(), port));
     caddy
-}
-
-/// The self-built Go HTTPS server on `port`.
-fn start_go_server(lab: &Lab, port: u16) -> Background {
-    let binary = go_binary(GoProgram::Https).unwrap();
-    let cert = lab.persona_certificate("go-server").unwrap();
-    let listen = format!("{PERSONA_IP}:{port}");
-    let mut cmd = lab.exec(Host::Persona, &[binary.as_os_str()]);
-    cmd.arg("-listen")
-        .arg(&listen)
-        .arg("-cert")
-        .arg(&cert.cert)
-        .arg("-key")
-        .arg(&cert.key)
-        // Its log (a handshake error for each readiness probe) stays in the lab's dir.
-        .stderr(std::fs::File::create(lab.temp_dir().join("go-server.log")).unwrap());
-    let mut server = Background::spawn(&mut cmd).unwrap();
-    wait_listening(lab, &mut server, SocketAddr::new(PERSONA_IP.into(), port));
-    server
 }
 
 fn start_agent(lab: &Lab, receiver: &OtlpReceiver) -> Agent {

@@ -19,6 +19,7 @@ use crate::{
     ebpf,
     export::{self, ExportConfig, SpanSink},
     go_tls::GoTls,
+    kernel_features,
     metrics::{HopRecorder, Metrics, Observed},
     nic::KernelNicTimes,
     requests::{self, Assembler},
@@ -139,8 +140,13 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     if attached.nic {
         assembler = assembler.with_nic(Box::new(KernelNicTimes::take(&mut object)?));
     }
-    // Go TLS plaintext joins its socket through the syscall layer: without it, nothing to do.
-    let mut go_tls = attached.requests.then(|| GoTls::new(&scope));
+    // Go TLS plaintext joins its socket through the syscall layer (and a kernel helper of 5.15):
+    // without them, nothing to do.
+    let go_tls_join = kernel_features::go_tls_join();
+    if let (true, Err(why)) = (attached.requests, go_tls_join) {
+        log::warn!("{}", kernel_features::go_tls_unavailable(why));
+    }
+    let mut go_tls = (attached.requests && go_tls_join.is_ok()).then(|| GoTls::new(&scope));
     if let Some(go_tls) = &mut go_tls {
         go_tls.rescan(&mut object);
     }
@@ -267,7 +273,11 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     pipeline.assembler.flush(&mut pipeline.spans);
     pipeline.emit(&clock);
     let request_stats = pipeline.assembler.stats.summary();
-    let go_stats = go_tls.map(|g| format!("; {}", g.stats.summary()));
+    let go_stats = match (go_tls, go_tls_join) {
+        (Some(g), _) => Some(format!("; {}", g.stats.summary())),
+        (None, Err(why)) => Some(format!("; Go crypto/tls: unavailable ({why})")),
+        (None, Ok(())) => None,
+    };
     let request_stats = format!(
         "{request_stats}; {}{}",
         pipeline.correlator.stats.summary(),

@@ -14,6 +14,7 @@ mod ebpf;
 mod export;
 mod go_tls;
 mod golang;
+mod kernel_features;
 mod kernel_offsets;
 mod listeners;
 mod metrics;
