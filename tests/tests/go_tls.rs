@@ -2,16 +2,14 @@
 //! Debian's stripped caddy (.gopclntab) and the lab's self-built Go server and client (with
 //! symbols) in the lab, curl over HTTP/1.1 with a traceparent, spans at a real OTLP receiver.
 
-use std::{
-    net::{SocketAddr, TcpStream},
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, process::Stdio, time::Duration};
 
 use hoptrace_tests::{
     agent::Agent,
+    curl::curl_persona_https as curl,
     go_server::{start_go_server, wait_listening},
     receiver::{OtlpReceiver, ReceivedSpan, span_kind},
+    request_spans::wait_request_span,
 };
 use xtask::lab::{
     Background, Host, Lab, LabConfig, PERSONA_IP, PERSONA_TLS_NAME,
@@ -58,55 +56,6 @@ fn start_caddy(lab: &Lab, port: u16) -> Background {
 
 fn start_agent(lab: &Lab, receiver: &OtlpReceiver) -> Agent {
     Agent::watching_lab(lab, receiver).expect("agent")
-}
-
-/// curl over HTTP/1.1 to `https://persona.lab:<port><path>`, trusting the lab's persona CA.
-fn curl(lab: &Lab, port: u16, path: &str, extra: &[&str]) {
-    let resolve = format!("{PERSONA_TLS_NAME}:{port}:{PERSONA_IP}");
-    let url = format!("https://{PERSONA_TLS_NAME}:{port}{path}");
-    let ca = lab.persona_ca().to_str().unwrap().to_owned();
-    let mut argv = vec![
-        "curl",
-        "-sS",
-        "-o",
-        "/dev/null",
-        "--max-time",
-        "5",
-        "--cacert",
-        &ca,
-        "--resolve",
-        &resolve,
-    ];
-    argv.extend_from_slice(extra);
-    argv.push(&url);
-    lab.run(Host::Agent, &argv).expect("curl");
-}
-
-fn request_span<'a>(
-    spans: &'a [ReceivedSpan],
-    hop: &str,
-    trace_id: &str,
-) -> Option<&'a ReceivedSpan> {
-    spans.iter().find(|s| {
-        s.attr_str("hoptrace.hop") == Some(hop)
-            && s.trace_id == trace_id
-            && s.attr_str("http.request.method").is_some()
-    })
-}
-
-fn wait_request_span(
-    receiver: &OtlpReceiver,
-    agent: &Agent,
-    hop: &str,
-    trace_id: &str,
-) -> ReceivedSpan {
-    let spans = receiver
-        .try_wait_for_spans(
-            |spans| request_span(spans, hop, trace_id).is_some(),
-            Duration::from_secs(15),
-        )
-        .unwrap_or_else(|e| panic!("no {hop} request span: {e:#}\nagent:\n{}", agent.stderr()));
-    request_span(&spans, hop, trace_id).unwrap().clone()
 }
 
 fn assert_go_server_span(span: &ReceivedSpan, trace_id: &str, path: &str, executable: &str) {

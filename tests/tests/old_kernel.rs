@@ -4,14 +4,16 @@
 //! still give their request spans, a Go TLS server gives none of its plaintext spans, and
 //! `hoptrace check` and the agent's log say why. Needs root, the kernel and bpftool.
 
-use std::{collections::HashSet, process::Command, time::Duration};
+use std::{collections::HashSet, process::Command};
 
 use hoptrace_tests::{
     agent::{Agent, hoptrace_bin},
+    curl::curl_persona_https,
     go_server::start_go_server,
-    receiver::{OtlpReceiver, ReceivedSpan},
+    receiver::OtlpReceiver,
+    request_spans::{request_span, wait_request_span},
 };
-use xtask::lab::{Host, Lab, LabConfig, NGINX_TLS_PORT, PERSONA_IP, PERSONA_TLS_NAME};
+use xtask::lab::{Host, Lab, LabConfig, NGINX_TLS_PORT};
 
 const FORCE: (&str, &str) = ("HOPTRACE_TEST_NO_TASK_PT_REGS", "1");
 const WHY: &str = "bpf_task_pt_regs treated as missing (HOPTRACE_TEST_NO_TASK_PT_REGS=1";
@@ -42,54 +44,19 @@ fn calls_task_pt_regs(id: u64) -> bool {
     String::from_utf8_lossy(&out.stdout).contains("bpf_task_pt_regs")
 }
 
-fn request_span<'a>(
-    spans: &'a [ReceivedSpan],
-    hop: &str,
-    trace_id: &str,
-) -> Option<&'a ReceivedSpan> {
-    spans.iter().find(|s| {
-        s.trace_id == trace_id
-            && s.attr_str("hoptrace.hop") == Some(hop)
-            && s.attr_str("http.request.method") == Some("GET")
-    })
+/// The header of a sampled traceparent in trace `trace_id`.
+fn traceparent(trace_id: &str) -> String {
+    format!("traceparent: 00-{trace_id}-00f067aa0ba902b7-01")
 }
 
-fn wait_request_span(
-    receiver: &OtlpReceiver,
-    agent: &Agent,
-    hop: &str,
-    trace_id: &str,
-) -> ReceivedSpan {
-    let spans = receiver
-        .try_wait_for_spans(
-            |spans| request_span(spans, hop, trace_id).is_some(),
-            Duration::from_secs(15),
-        )
-        .unwrap_or_else(|e| panic!("no {hop} span of {trace_id}: {e:#}\n{}", agent.stderr()));
-    request_span(&spans, hop, trace_id).unwrap().clone()
-}
-
-/// curl from the agent namespace with a traceparent of `trace_id`.
-fn curl(lab: &Lab, url: &str, trace_id: &str, extra: &[&str]) {
-    let traceparent = format!("traceparent: 00-{trace_id}-00f067aa0ba902b7-01");
-    let ca = lab.persona_ca().to_str().unwrap().to_owned();
-    let mut argv = vec![
-        "curl",
-        "-sS",
-        "-o",
-        "/dev/null",
-        "--max-time",
-        "5",
-        "--http1.1",
-        "--cacert",
-        &ca,
-        "-H",
-        &traceparent,
-    ];
-    argv.extend_from_slice(extra);
-    argv.push(url);
-    let out = lab.run(Host::Agent, &argv).expect("curl");
-    assert!(out.status.success(), "curl {url}: {out:?}");
+/// curl over HTTPS with HTTP/1.1 and a traceparent.
+fn curl_https(lab: &Lab, port: u16, path: &str, trace_id: &str) {
+    curl_persona_https(
+        lab,
+        port,
+        path,
+        &["--http1.1", "-H", &traceparent(trace_id)],
+    );
 }
 
 #[test]
@@ -101,22 +68,8 @@ fn without_task_pt_regs_everything_but_go_tls_plaintext_works() {
     .expect("lab");
     let _go = start_go_server(&lab, GO_PORT);
     let receiver = OtlpReceiver::start().expect("receiver");
-    let endpoint = receiver.grpc_endpoint();
     let before = program_ids("sys_exit_read");
-    let mut agent = Agent::start(
-        &[
-            "--netns",
-            lab.netns(Host::Agent).name(),
-            "--netns",
-            lab.netns(Host::Persona).name(),
-        ],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-            FORCE,
-        ],
-    )
-    .expect("agent");
+    let mut agent = Agent::watching_lab_with(&lab, &receiver, &[FORCE]).expect("agent");
     let startup = agent.stderr();
     assert!(
         startup.contains("Go crypto/tls plaintext unavailable") && startup.contains(WHY),
@@ -139,15 +92,19 @@ fn without_task_pt_regs_everything_but_go_tls_plaintext_works() {
 
     // Plain HTTP: both ends.
     let plain = "4bf92f3577b34da6a3ce929d0e0e4711";
-    curl(&lab, &lab.nginx_url("/plain"), plain, &[]);
+    let header = traceparent(plain);
+    let url = lab.nginx_url("/plain");
+    lab.run(
+        Host::Agent,
+        &["curl", "-sS", "-o", "/dev/null", "-H", &header, &url],
+    )
+    .expect("curl");
     wait_request_span(&receiver, &agent, "agent", plain);
     wait_request_span(&receiver, &agent, "persona", plain);
 
     // OpenSSL HTTPS (curl -> nginx): both ends through the OpenSSL uprobes.
     let openssl = "4bf92f3577b34da6a3ce929d0e0e4712";
-    let resolve = format!("{PERSONA_TLS_NAME}:{NGINX_TLS_PORT}:{PERSONA_IP}");
-    let url = format!("https://{PERSONA_TLS_NAME}/tls");
-    curl(&lab, &url, openssl, &["--resolve", &resolve]);
+    curl_https(&lab, NGINX_TLS_PORT, "/tls", openssl);
     for hop in ["agent", "persona"] {
         let span = wait_request_span(&receiver, &agent, hop, openssl);
         assert_eq!(
@@ -159,9 +116,7 @@ fn without_task_pt_regs_everything_but_go_tls_plaintext_works() {
 
     // curl (OpenSSL) -> the Go server: curl's side is there, the Go server's is not.
     let go = "4bf92f3577b34da6a3ce929d0e0e4713";
-    let resolve = format!("{PERSONA_TLS_NAME}:{GO_PORT}:{PERSONA_IP}");
-    let url = format!("https://{PERSONA_TLS_NAME}:{GO_PORT}/go");
-    curl(&lab, &url, go, &["--resolve", &resolve]);
+    curl_https(&lab, GO_PORT, "/go", go);
     wait_request_span(&receiver, &agent, "agent", go);
     // Everything the agent has is exported on stop.
     agent.stop().unwrap();

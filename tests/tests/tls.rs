@@ -253,6 +253,17 @@ fn curl_to_nginx_over_tls_1_2_and_1_3_gives_handshake_spans_on_both_sides() {
     }
 }
 
+/// The handshake failed on the client's unknown_ca alert, `how` (sent or received) here.
+#[track_caller]
+fn assert_unknown_ca(span: &ReceivedSpan, how: &str) {
+    let message = &span.status.message;
+    assert!(
+        message.contains(how) && message.contains("fatal unknown_ca (48)"),
+        "{span:#?}"
+    );
+    assert_eq!(span.attr_str("error.type"), Some("unknown_ca"));
+}
+
 const LIBRARY_START: &str = "tls.library.handshake_start";
 const LIBRARY_DONE: &str = "tls.library.handshake_done";
 const LIBRARY_FAILED: &str = "tls.library.handshake_failed";
@@ -310,12 +321,7 @@ fn an_untrusted_certificate_is_an_error_handshake_span_with_the_alert() {
     // (SSL_get_error says SSL_ERROR_SSL: the certificate check) after the ServerHello brought
     // the certificate, not mistaken for a retry.
     for span in side(&spans, "agent") {
-        assert!(
-            span.status.message.contains("alert sent")
-                && span.status.message.contains("fatal unknown_ca (48)"),
-            "{span:#?}"
-        );
-        assert_eq!(span.attr_str("error.type"), Some("unknown_ca"));
+        assert_unknown_ca(span, "alert sent");
         assert_library_order(
             span,
             "SSL_connect",
@@ -345,12 +351,7 @@ fn an_untrusted_certificate_is_an_error_handshake_span_with_the_alert() {
             assert_eq!(span.attr_str("error.type"), Some("connection_reset"));
             continue;
         }
-        assert!(
-            span.status.message.contains("alert received")
-                && span.status.message.contains("fatal unknown_ca (48)"),
-            "{span:#?}"
-        );
-        assert_eq!(span.attr_str("error.type"), Some("unknown_ca"));
+        assert_unknown_ca(span, "alert received");
         assert_library_order(
             span,
             "SSL_do_handshake",
