@@ -8,6 +8,11 @@
 //! drift over time does not favour either side. Run-to-run variation on two cores is 10-15 %
 //! (TESTBED.md): only ratios of paired runs are reported, never single absolute numbers.
 //!
+//! `--tls` runs the same over HTTPS (nginx :443, TLS 1.3; wrk does not verify certificates;
+//! modes `https-keepalive`, `https-newconn`): the agent then sees the requests through the
+//! OpenSSL uprobes on wrk's and nginx's libssl, and completeness counts those request spans.
+//! In `https-newconn` every request is a full handshake, so the load is mostly crypto.
+//!
 //! wrk has no rate limit: `--rate R` paces it in the Lua script (wrk's `delay()` hook, slots
 //! spaced evenly per thread). Without it, runs go as fast as they can and drops are reported at
 //! whatever rate that was.
