@@ -106,6 +106,14 @@ pub fn ssl_handshake_return(ctx: RetProbeContext) -> u32 {
     }
     let call = *call;
     let _ = HANDSHAKE_CALLS.remove(&pid_tgid);
+    if call.skaddr != 0 {
+        let socket = Ciphertext {
+            skaddr: call.skaddr,
+            netns_ino: call.netns_ino,
+            ..Ciphertext::default()
+        };
+        crate::tls_plaintext::learn_session(pid_tgid, call.session, &socket);
+    }
     match ret {
         1 => complete(pid_tgid, &call, ret, ssl_error::NOT_ASKED, outcome::DONE),
         0 => complete(pid_tgid, &call, ret, ssl_error::NOT_ASKED, outcome::FAILED),

@@ -206,6 +206,19 @@ pub fn call_finished(call: &TlsCall, pid_tgid: u64, moved: Option<u64>) {
     }
 }
 
+/// A handshake call of `session` moved ciphertext on `ciphertext`'s socket: a read the library
+/// serves from what it buffered during the handshake (nginx reads ahead: a new connection's
+/// request often arrives with the client's Finished) finds its socket here.
+#[inline(always)]
+pub fn learn_session(pid_tgid: u64, session: u64, ciphertext: &Ciphertext) {
+    let key = TlsSessionKey {
+        tgid: (pid_tgid >> 32) as u32,
+        _pad: 0,
+        session,
+    };
+    let _ = TLS_SESSIONS.insert(&key, &session_of(ciphertext), 0);
+}
+
 /// A write waiting on this thread meets its ciphertext's send.
 #[inline(always)]
 fn send_pending(pid_tgid: u64, ciphertext: &Ciphertext) {
