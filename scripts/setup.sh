@@ -15,7 +15,8 @@ BPF_LINKER_ROOT="$TOOLS_DIR/bpf-linker-$BPF_LINKER_VERSION-rust-$RUST_TOOLCHAIN"
 DEBIAN_PACKAGES=(iproute2 iptables nginx-light wrk curl python3 tcpdump
   libnetfilter-queue1 procps psmisc openssl haproxy
   caddy golang-1.19-go    # Go crypto/tls: Debian's stripped caddy, and the lab's own Go programs
-  nodejs) # node: static OpenSSL with exported SSL_* (the TLS plaintext tests)
+  nodejs  # node: static OpenSSL with exported SSL_* (the TLS plaintext tests)
+  bpftool) # the old-kernel test reads the verifier's output of the loaded programs
 # PyPI packages: the OTLP receiver the end-to-end tests export to, and the OpenTelemetry SDK
 # clients that test that receiver (googleapis-common-protos pinned so protobuf stays 4.25.5).
 PYTHON_PACKAGES=(opentelemetry-proto==1.27.0 grpcio==1.66.2 protobuf==4.25.5

@@ -49,8 +49,22 @@ impl Agent {
         lab: &xtask::lab::Lab,
         receiver: &crate::receiver::OtlpReceiver,
     ) -> Result<Self> {
+        Self::watching_lab_with(lab, receiver, &[])
+    }
+
+    /// [`Agent::watching_lab`] with more environment.
+    pub fn watching_lab_with(
+        lab: &xtask::lab::Lab,
+        receiver: &crate::receiver::OtlpReceiver,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         use xtask::lab::Host;
         let endpoint = receiver.grpc_endpoint();
+        let mut all = vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ];
+        all.extend_from_slice(env);
         Self::start(
             &[
                 "--netns",
@@ -58,10 +72,7 @@ impl Agent {
                 "--netns",
                 lab.netns(Host::Persona).name(),
             ],
-            &[
-                ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-            ],
+            &all,
         )
     }
 

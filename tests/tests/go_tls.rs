@@ -6,11 +6,13 @@ use std::{net::SocketAddr, time::Duration};
 
 use hoptrace_tests::{
     agent::Agent,
+    curl::curl_persona_https as curl,
     personas::{start_caddy, start_go_server, wait_listening},
     receiver::{OtlpReceiver, ReceivedSpan, span_kind},
+    request_spans::wait_request_span,
 };
 use xtask::lab::{
-    Host, Lab, LabConfig, PERSONA_IP, PERSONA_TLS_NAME,
+    Host, Lab, LabConfig, PERSONA_IP,
     golang::{GoProgram, go_binary},
 };
 
@@ -23,55 +25,6 @@ fn traceparent(trace_id: &str) -> String {
 
 fn start_agent(lab: &Lab, receiver: &OtlpReceiver) -> Agent {
     Agent::watching_lab(lab, receiver).expect("agent")
-}
-
-/// curl over HTTP/1.1 to `https://persona.lab:<port><path>`, trusting the lab's persona CA.
-fn curl(lab: &Lab, port: u16, path: &str, extra: &[&str]) {
-    let resolve = format!("{PERSONA_TLS_NAME}:{port}:{PERSONA_IP}");
-    let url = format!("https://{PERSONA_TLS_NAME}:{port}{path}");
-    let ca = lab.persona_ca().to_str().unwrap().to_owned();
-    let mut argv = vec![
-        "curl",
-        "-sS",
-        "-o",
-        "/dev/null",
-        "--max-time",
-        "5",
-        "--cacert",
-        &ca,
-        "--resolve",
-        &resolve,
-    ];
-    argv.extend_from_slice(extra);
-    argv.push(&url);
-    lab.run(Host::Agent, &argv).expect("curl");
-}
-
-fn request_span<'a>(
-    spans: &'a [ReceivedSpan],
-    hop: &str,
-    trace_id: &str,
-) -> Option<&'a ReceivedSpan> {
-    spans.iter().find(|s| {
-        s.attr_str("hoptrace.hop") == Some(hop)
-            && s.trace_id == trace_id
-            && s.attr_str("http.request.method").is_some()
-    })
-}
-
-fn wait_request_span(
-    receiver: &OtlpReceiver,
-    agent: &Agent,
-    hop: &str,
-    trace_id: &str,
-) -> ReceivedSpan {
-    let spans = receiver
-        .try_wait_for_spans(
-            |spans| request_span(spans, hop, trace_id).is_some(),
-            Duration::from_secs(15),
-        )
-        .unwrap_or_else(|e| panic!("no {hop} request span: {e:#}\nagent:\n{}", agent.stderr()));
-    request_span(&spans, hop, trace_id).unwrap().clone()
 }
 
 fn assert_go_server_span(span: &ReceivedSpan, trace_id: &str, path: &str, executable: &str) {

@@ -9,6 +9,9 @@ pub mod kind {
     pub const DATA: u8 = 2;
     /// [`crate::plaintext::PlaintextEvent`]: plaintext of a TLS socket, from a library uprobe.
     pub const PLAINTEXT: u8 = 3;
+    /// [`crate::handshake_call::HandshakeCallEvent`]: a TLS library reported a handshake done
+    /// or failed.
+    pub const HANDSHAKE_CALL: u8 = 4;
 }
 
 /// TCP states as in include/net/tcp_states.h (kernel ABI).

@@ -9,6 +9,7 @@
 
 pub mod conn;
 pub mod data;
+pub mod handshake_call;
 pub mod http;
 pub mod http2;
 pub mod maps;

@@ -23,6 +23,11 @@ pub mod globals {
     /// Byte offsets into kernel structures, resolved from the running kernel's BTF by user
     /// space (CO-RE done by the loader, since Rust eBPF has no field relocations yet).
     pub const KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
+    /// u32, 1 when the kernel has `bpf_task_pt_regs` (Linux 5.15) and
+    /// `bpf_get_current_task_btf` (5.11): the syscall layer then joins Go crypto/tls calls to
+    /// their sockets by goroutine. 0 prunes that branch, so that an older kernel's verifier
+    /// accepts the syscall programs (everything but Go TLS plaintext works).
+    pub const GO_TLS_JOIN: &str = "GO_TLS_JOIN";
 }
 
 /// Byte offsets into kernel structures that the probes read with `bpf_probe_read_kernel`.
@@ -104,9 +109,11 @@ pub enum Counter {
     /// A TLS library call moved bytes, but no socket in scope was known for its session (its
     /// ciphertext never passed a syscall the agent saw, or the socket is out of scope).
     PlaintextUnjoined = 6,
+    /// TLS library handshake records (`crate::handshake_call::HandshakeCallEvent`) submitted.
+    HandshakeCallSubmitted = 7,
 }
 /// Number of entries in [`COUNTERS`].
-pub const COUNTER_COUNT: u32 = 7;
+pub const COUNTER_COUNT: u32 = 8;
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for KernelOffsets {}

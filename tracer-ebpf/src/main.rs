@@ -10,6 +10,7 @@ mod nic;
 mod scope;
 mod tls_go;
 mod tls_openssl;
+mod tls_openssl_handshake;
 mod tls_plaintext;
 
 #[cfg(not(test))]

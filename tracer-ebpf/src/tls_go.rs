@@ -29,6 +29,12 @@ use tracer_common::{
 
 use crate::tls_plaintext;
 
+/// Whether the kernel has the helpers [`current_call`] needs (set at load time, see
+/// `tracer_common::maps::globals::GO_TLS_JOIN`); 0 leaves the helper calls in a branch the
+/// verifier never walks, so the syscall programs that inline it load on kernels before 5.15.
+#[unsafe(no_mangle)]
+static GO_TLS_JOIN: u32 = 0;
+
 /// Go calls in progress, by goroutine.
 #[map]
 static GO_TLS_CALLS: LruHashMap<GoroutineKey, TlsCall> = LruHashMap::with_max_entries(16384, 0);
@@ -122,6 +128,10 @@ pub fn go_tls_handshake_return(ctx: ProbeContext) -> u32 {
 /// R14 from the registers the thread saved on entering the kernel.
 #[inline(always)]
 pub fn current_call(pid_tgid: u64) -> Option<*mut TlsCall> {
+    // Volatile: the value is patched into .rodata at load time, after compilation.
+    if unsafe { core::ptr::read_volatile(&GO_TLS_JOIN) } == 0 {
+        return None;
+    }
     let tgid = (pid_tgid >> 32) as u32;
     unsafe { GO_TLS_PROCESSES.get(&tgid) }?;
     // SAFETY: helpers on the current task; the register read goes through probe_read.

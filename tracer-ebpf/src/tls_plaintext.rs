@@ -102,6 +102,7 @@ pub fn on_ciphertext(pid_tgid: u64, record: &DataEvent) {
         .get_ptr_mut(&pid_tgid)
         .or_else(|| crate::tls_go::current_call(pid_tgid))
     else {
+        crate::tls_openssl_handshake::on_ciphertext(pid_tgid, &ciphertext);
         if record.direction == DIRECTION_SEND {
             send_pending(pid_tgid, &ciphertext);
         } else {
@@ -203,6 +204,19 @@ pub fn call_finished(call: &TlsCall, pid_tgid: u64, moved: Option<u64>) {
         Some(socket) => output(event, &session_only(socket), joined_by::SESSION),
         None => count(Counter::PlaintextUnjoined),
     }
+}
+
+/// A handshake call of `session` moved ciphertext on `ciphertext`'s socket: a read the library
+/// serves from what it buffered during the handshake (nginx reads ahead: a new connection's
+/// request often arrives with the client's Finished) finds its socket here.
+#[inline(always)]
+pub fn learn_session(pid_tgid: u64, session: u64, ciphertext: &Ciphertext) {
+    let key = TlsSessionKey {
+        tgid: (pid_tgid >> 32) as u32,
+        _pad: 0,
+        session,
+    };
+    let _ = TLS_SESSIONS.insert(&key, &session_of(ciphertext), 0);
 }
 
 /// A write waiting on this thread meets its ciphertext's send.

@@ -19,6 +19,7 @@ use crate::{
     ebpf,
     export::{self, ExportConfig, SpanSink},
     go_tls::GoTls,
+    kernel_features,
     kubernetes::{self, Pods},
     metrics::{HopRecorder, Metrics, Observed},
     nic::KernelNicTimes,
@@ -142,8 +143,13 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     if attached.nic {
         assembler = assembler.with_nic(Box::new(KernelNicTimes::take(&mut object)?));
     }
-    // Go TLS plaintext joins its socket through the syscall layer: without it, nothing to do.
-    let mut go_tls = attached.requests.then(|| GoTls::new(&scope));
+    // Go TLS plaintext joins its socket through the syscall layer (and a kernel helper of 5.15):
+    // without them, nothing to do.
+    let go_tls_join = kernel_features::go_tls_join();
+    if let (true, Err(why)) = (attached.requests, go_tls_join) {
+        log::warn!("{}", kernel_features::go_tls_unavailable(why));
+    }
+    let mut go_tls = (attached.requests && go_tls_join.is_ok()).then(|| GoTls::new(&scope));
     if let Some(go_tls) = &mut go_tls {
         go_tls.rescan(&mut object);
     }
@@ -272,7 +278,11 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     pipeline.assembler.flush(&mut pipeline.spans);
     pipeline.emit(&clock);
     let request_stats = pipeline.assembler.stats.summary();
-    let go_stats = go_tls.map(|g| format!("; {}", g.stats.summary()));
+    let go_stats = match (go_tls, go_tls_join) {
+        (Some(g), _) => Some(format!("; {}", g.stats.summary())),
+        (None, Err(why)) => Some(format!("; Go crypto/tls: unavailable ({why})")),
+        (None, Ok(())) => None,
+    };
     let request_stats = format!(
         "{request_stats}; {}{}",
         pipeline.correlator.stats.summary(),
@@ -323,6 +333,9 @@ fn drain(
             Ok(Event::Plaintext(event)) => {
                 pipeline.assembler.on_plaintext(event, &mut pipeline.spans)
             }
+            Ok(Event::HandshakeCall(event)) => pipeline
+                .assembler
+                .on_handshake_call(&event, &mut pipeline.spans),
             Err(e) => {
                 if counts.decode_errors == 0 {
                     log::warn!("undecodable ring-buffer record (counted, skipped): {e}");

@@ -17,7 +17,7 @@ use aya::{
 
 use crate::{
     ebpf::{self, Layer},
-    kernel_offsets,
+    kernel_features, kernel_offsets,
     scope::Scope,
     tls_uprobes, tracefs,
 };
@@ -28,6 +28,9 @@ use crate::{
 pub extern "C" fn hoptrace_check_uprobe_target(x: u64) -> u64 {
     std::hint::black_box(x).wrapping_add(1)
 }
+
+/// The finding about the Go TLS join's kernel helpers.
+const GO_TLS_HELPERS: &str = "bpf_task_pt_regs";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Need {
@@ -125,6 +128,16 @@ pub fn run() -> anyhow::Result<bool> {
             outcome,
         });
     }
+
+    findings.push(Finding {
+        what: GO_TLS_HELPERS,
+        need: Need::Optional,
+        used_for: "Go TLS plaintext (joins a goroutine's call to its socket)",
+        outcome: kernel_features::go_tls_join()
+            .clone()
+            .map(|()| "bpf_get_current_task_btf and bpf_task_pt_regs load".into())
+            .map_err(|why| kernel_features::go_tls_unavailable(&why)),
+    });
 
     let offsets = offsets.unwrap_or_default();
     // The smallest ring buffer: check attaches probes, it reads no records.
@@ -377,6 +390,18 @@ fn report(findings: &[Finding]) {
         "  {:<56} {tls} {}",
         "TLS plaintext (OpenSSL uprobes)",
         tls_uprobes::HOOKS
+    );
+    let go_tls = match findings.iter().find(|f| f.what == GO_TLS_HELPERS) {
+        Some(Finding {
+            outcome: Err(why), ..
+        }) => format!("[absent: {why}]"),
+        _ if works("uprobe") => "[ready]".into(),
+        _ => "[absent: the agent runs without this layer]".into(),
+    };
+    let _ = writeln!(
+        out,
+        "  {:<56} {go_tls} uprobes on crypto/tls.(*Conn).Write/Read, joined in the syscall layer",
+        "TLS plaintext (Go crypto/tls uprobes)"
     );
     let accelerators = if works("fentry") || works("kprobe") {
         "available (not needed: the agent stands on tracepoints)"

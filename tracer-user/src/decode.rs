@@ -3,6 +3,7 @@
 use tracer_common::{
     conn::{ConnEvent, kind},
     data::{DATA_HEADER_LEN, DataEvent, MAX_CAPTURE},
+    handshake_call::HandshakeCallEvent,
     plaintext::{PLAINTEXT_HEADER_LEN, PlaintextEvent},
 };
 
@@ -13,6 +14,8 @@ pub enum Event<'a> {
     Data(&'a DataEvent),
     /// TLS plaintext from a library uprobe.
     Plaintext(&'a PlaintextEvent),
+    /// A TLS library reported a handshake done or failed.
+    HandshakeCall(HandshakeCallEvent),
 }
 
 /// Decodes records into buffers it reuses: a data record is 1.1 KiB, most of it payload room,
@@ -69,6 +72,9 @@ impl Decoder {
                     |e| e.data.captured,
                 )?;
                 Ok(Event::Plaintext(&self.plaintext))
+            }
+            kind::HANDSHAKE_CALL => {
+                read_record::<HandshakeCallEvent>(kind, bytes).map(Event::HandshakeCall)
             }
             other => Err(DecodeError::UnknownKind(other)),
         }

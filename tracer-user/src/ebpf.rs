@@ -12,7 +12,7 @@ use tracer_common::{
     maps::{self, COUNTER_COUNT, Counter, KernelOffsets, globals},
 };
 
-use crate::{kernel_offsets, listeners, nic, scope::Scope, tracefs};
+use crate::{kernel_features, kernel_offsets, listeners, nic, scope::Scope, tracefs};
 
 /// The eBPF object built by build.rs from tracer-ebpf.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
@@ -293,6 +293,11 @@ pub fn load_object(
         .override_global(globals::FILTER_PORT, &ports, true)
         .override_global(globals::SELF_TGID, &std::process::id(), true)
         .override_global(globals::KERNEL_OFFSETS, offsets, true)
+        .override_global(
+            globals::GO_TLS_JOIN,
+            &on(kernel_features::go_tls_join().is_ok()),
+            true,
+        )
         .map_max_entries(maps::EVENTS, ring_buffer_bytes)
         .load(OBJECT)
         .map_err(|e| explain_load_error(e.into()))

@@ -15,6 +15,7 @@ mod export;
 mod go_tls;
 mod golang;
 mod http2;
+mod kernel_features;
 mod kernel_offsets;
 mod kubernetes;
 mod listeners;
@@ -26,6 +27,7 @@ mod scope;
 mod settings;
 mod span;
 mod tls_handshake;
+mod tls_library;
 mod tls_uprobes;
 mod tracefs;
 

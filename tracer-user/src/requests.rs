@@ -18,6 +18,7 @@ use std::{
 use tracer_common::{
     conn::{ConnEvent, ConnTransition},
     data::{DIRECTION_SEND, DataEvent},
+    handshake_call::HandshakeCallEvent,
     http::{self, Headers},
     plaintext::{PlaintextEvent, library},
     trace_context,
@@ -30,6 +31,7 @@ use crate::{
     sampling::{Sampler, Untraced},
     span::{HopSpan, Role, SpanIds, Value},
     tls_handshake::{self, Gone, Tls},
+    tls_library::LibraryHandshake,
 };
 
 /// Head bytes buffered per stream before the head counts as truncated (a 64 KiB header must
@@ -634,6 +636,36 @@ impl Assembler {
         self.on_record(&event.data, event.library_enter_ns, Some(from), out);
     }
 
+    /// A TLS library's report on a handshake: added to its socket's `tls.handshake` span,
+    /// whether that is still being built or held for the first request.
+    pub fn on_handshake_call(&mut self, event: &HandshakeCallEvent, out: &mut Vec<HopSpan>) {
+        let stats = &mut self.stats.tls;
+        let Some(socket) = self
+            .sockets
+            .get_mut(&event.skaddr)
+            .filter(|_| event.skaddr != 0)
+        else {
+            stats.library_unjoined += 1;
+            return;
+        };
+        let library = LibraryHandshake::from(event);
+        match (&mut socket.tls, &mut socket.held_tls) {
+            (Tls::Tracking(handshake), _) => handshake.set_library(library),
+            (_, Some((span, _))) => {
+                library.annotate(span);
+                if span.error.is_some() {
+                    // No request follows a failed handshake: out now, with the connect.
+                    release_held(socket, out);
+                }
+            }
+            _ => {
+                stats.library_unjoined += 1;
+                return;
+            }
+        }
+        stats.library_joined += 1;
+    }
+
     /// A record in, and the receives it lets go when it put a request in flight.
     fn on_record(
         &mut self,
@@ -721,7 +753,7 @@ impl Assembler {
         }
         // Ciphertext feeds the handshake tracker, also on sockets whose plaintext comes from
         // a library probe.
-        if plaintext_from.is_none() && tls_bytes(socket, event, data, &mut stats.tls, out) {
+        if plaintext_from.is_none() && tls_bytes(socket, event, data, &mut stats.tls) {
             return VecDeque::new();
         }
         match (plaintext_from, socket.endpoint.plaintext_from) {
@@ -1322,7 +1354,6 @@ fn tls_bytes(
     event: &DataEvent,
     data: &[u8],
     stats: &mut tls_handshake::Stats,
-    out: &mut Vec<HopSpan>,
 ) -> bool {
     let sending = event.direction == DIRECTION_SEND;
     let moment = tls_handshake::Moment {
@@ -1347,12 +1378,10 @@ fn tls_bytes(
             }
             let span = handshake.span(tls_attributes(&socket.endpoint, socket.side), stats);
             socket.tls = Tls::Ignored;
-            let failed = span.error.is_some();
+            // No request follows a failed handshake: it goes out with the connect when the
+            // TLS library gives its verdict (on_handshake_call), the connection ends, or the
+            // hold expires, whichever comes first.
             socket.held_tls = Some((span, event.header.ts_ns));
-            if failed {
-                // No request will follow a failed handshake: out now, with the connect.
-                release_held(socket, out);
-            }
         }
     }
     route != tls_handshake::Route::Http

@@ -159,6 +159,39 @@ impl Replay {
         self.asm.on_plaintext(&event, &mut self.out);
     }
 
+    /// The TLS library reports the socket's handshake done (`ssl_error` NOT_ASKED, ret 1) or
+    /// failed, started at `started_us`, returned at `returned_us`.
+    fn library_handshake(
+        &mut self,
+        sk: u64,
+        ret: i32,
+        ssl_error: i32,
+        started_us: u64,
+        returned_us: u64,
+    ) {
+        use tracer_common::handshake_call::{HandshakeCallEvent, function, outcome};
+        let event = HandshakeCallEvent {
+            header: EventHeader {
+                kind: kind::HANDSHAKE_CALL,
+                ts_ns: us(returned_us),
+                ..EventHeader::default()
+            },
+            started_ns: us(started_us),
+            skaddr: sk,
+            ret,
+            ssl_error,
+            calls: 1,
+            function: function::SSL_CONNECT,
+            outcome: if ret == 1 {
+                outcome::DONE
+            } else {
+                outcome::FAILED
+            },
+            ..HandshakeCallEvent::default()
+        };
+        self.asm.on_handshake_call(&event, &mut self.out);
+    }
+
     fn sweep(&mut self, now_us: u64) {
         self.asm.sweep(us(now_us), &mut self.out);
     }

@@ -38,7 +38,10 @@ use tracer_common::tls::{
     self, ContentType, RECORD_HEADER_LEN, RecordHeader, handshake_type, version,
 };
 
-use crate::span::{HopSpan, Role, SpanIds, Value};
+use crate::{
+    span::{HopSpan, Role, SpanIds, Value},
+    tls_library::LibraryHandshake,
+};
 
 /// Span name (stable: dashboards and tests rely on it).
 pub const HANDSHAKE: &str = "tls.handshake";
@@ -70,13 +73,18 @@ pub struct Stats {
     pub hellos_truncated: u64,
     /// Connections on a TLS port (443, 8443) whose first bytes were not TLS.
     pub non_tls_on_tls_port: u64,
+    /// TLS library handshake reports added to a handshake span, and those that found none
+    /// (no socket known, a connection whose start was not seen, a span already out).
+    pub library_joined: u64,
+    pub library_unjoined: u64,
 }
 
 impl Stats {
     pub fn summary(&self) -> String {
         format!(
             "TLS handshakes {}, handshake spans {} ({} failed), TLS mid-stream skipped {}, TLS \
-             records lost {}, TLS hellos truncated {}, non-TLS on TLS ports {}",
+             records lost {}, TLS hellos truncated {}, non-TLS on TLS ports {}, TLS library \
+             handshake reports joined {} (unjoined {})",
             self.handshakes,
             self.spans,
             self.failed,
@@ -84,6 +92,8 @@ impl Stats {
             self.records_lost,
             self.hellos_truncated,
             self.non_tls_on_tls_port,
+            self.library_joined,
+            self.library_unjoined,
         )
     }
 }
@@ -299,6 +309,8 @@ pub struct Handshake {
     records_lost: bool,
     /// The span was emitted: later bytes are ignored.
     finished: bool,
+    /// What the TLS library reported, if it did before the span was built.
+    library: Option<LibraryHandshake>,
 }
 
 /// What a record did to a handshake.
@@ -327,6 +339,7 @@ impl Handshake {
             error: None,
             records_lost: false,
             finished: false,
+            library: None,
         };
         handshake.outgoing.keep_bodies = true;
         handshake.incoming.keep_bodies = true;
@@ -343,6 +356,11 @@ impl Handshake {
     /// Whether this socket sent the ClientHello.
     pub fn is_client(&self) -> bool {
         self.client
+    }
+
+    /// The TLS library's report, added to the span when it is built.
+    pub fn set_library(&mut self, library: LibraryHandshake) {
+        self.library = Some(library);
     }
 
     /// Feeds one syscall of this socket.
@@ -654,7 +672,7 @@ impl Handshake {
             attributes.push(("error.type", (*kind).into()));
             stats.failed += 1;
         }
-        HopSpan {
+        let mut span = HopSpan {
             ids: SpanIds::new_root(),
             name: HANDSHAKE.into(),
             role: if self.client {
@@ -667,7 +685,11 @@ impl Handshake {
             error: error.map(|(why, _)| why),
             attributes,
             events,
+        };
+        if let Some(library) = &self.library {
+            library.annotate(&mut span);
         }
+        span
     }
 }
 

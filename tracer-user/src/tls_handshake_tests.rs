@@ -179,8 +179,25 @@ fn an_alert_fails_the_handshake_at_once_with_its_name() {
         let mut r = Replay::new();
         client_to_server_hello(&mut r, hello, server);
         r.send(SK, alert, At(2_500, 2_510, 2_520));
+        // Held for the library's verdict (or the connection's end), then out at once.
+        assert!(r.take().is_empty(), "{version}");
+        r.library_handshake(SK, -1, 1, 1_150, 2_530);
         let spans = r.take();
         let tls = named(&spans, tls_handshake::HANDSHAKE)[0];
+        assert_eq!(
+            str_attr(tls, "hoptrace.tls.library.result"),
+            Some("failed: SSL_connect returned -1, SSL_get_error SSL_ERROR_SSL (1)")
+        );
+        let events: Vec<_> = tls.events.iter().map(|(name, _)| *name).collect();
+        assert_eq!(
+            events,
+            [
+                crate::tls_library::STARTED,
+                "tls.client_hello",
+                "tls.server_hello",
+                crate::tls_library::FAILED
+            ]
+        );
         assert_eq!(named(&spans, conn_spans::CONNECT).len(), 1, "{version}");
         let error = tls.error.as_deref().unwrap();
         assert!(
@@ -207,6 +224,9 @@ fn an_encrypted_tls13_alert_is_recognized_by_its_size() {
         flight!("openssl_tls13_server_flight"),
     );
     r.recv(SK, app_record(19), At(2_000, 1_900, 2_010));
+    // No library report (a server the probes do not see): out when the connection ends.
+    assert!(r.take().is_empty());
+    r.reset(SK, 1_000, 2_100);
     let spans = r.take();
     let tls = named(&spans, tls_handshake::HANDSHAKE)[0];
     assert!(tls.error.as_deref().unwrap().contains("encrypted"));

@@ -32,18 +32,47 @@ use object::{Object as _, ObjectSection as _, ObjectSymbol as _, read::ReadCache
 
 use crate::{listeners, scope::Scope};
 
-/// Library function, entry program, return program. SSL_write and SSL_read are required; the
-/// `_ex` variants exist from OpenSSL 1.1.1 on and are attached where present.
-const FUNCTIONS: [(&str, &str, &str); 4] = [
-    ("SSL_write", "ssl_write", "ssl_return"),
-    ("SSL_read", "ssl_read", "ssl_return"),
-    ("SSL_write_ex", "ssl_write_ex", "ssl_ex_return"),
-    ("SSL_read_ex", "ssl_read_ex", "ssl_ex_return"),
+/// Library function, entry program (none: only its return is probed), return program.
+type Probe = (&'static str, Option<&'static str>, &'static str);
+
+/// The plaintext probes. SSL_write and SSL_read are required; the `_ex` variants exist from
+/// OpenSSL 1.1.1 on and are attached where present.
+const PLAINTEXT: [Probe; 4] = [
+    ("SSL_write", Some("ssl_write"), "ssl_return"),
+    ("SSL_read", Some("ssl_read"), "ssl_return"),
+    ("SSL_write_ex", Some("ssl_write_ex"), "ssl_ex_return"),
+    ("SSL_read_ex", Some("ssl_read_ex"), "ssl_ex_return"),
 ];
 const REQUIRED: [&str; 2] = ["SSL_write", "SSL_read"];
+/// The handshake probes (tracer-ebpf's tls_openssl_handshake.rs): the library's view of the
+/// handshake, attached to the files that get the plaintext probes when SSL_do_handshake and
+/// SSL_get_error are there (SSL_connect and SSL_accept where present).
+const HANDSHAKE: [Probe; 4] = [
+    (
+        "SSL_do_handshake",
+        Some("ssl_do_handshake"),
+        "ssl_handshake_return",
+    ),
+    ("SSL_connect", Some("ssl_connect"), "ssl_handshake_return"),
+    ("SSL_accept", Some("ssl_accept"), "ssl_handshake_return"),
+    ("SSL_get_error", None, "ssl_get_error_return"),
+];
+const HANDSHAKE_REQUIRED: [&str; 2] = ["SSL_do_handshake", "SSL_get_error"];
+/// Every function looked up in a file.
+const FUNCTIONS: [Probe; 8] = [
+    PLAINTEXT[0],
+    PLAINTEXT[1],
+    PLAINTEXT[2],
+    PLAINTEXT[3],
+    HANDSHAKE[0],
+    HANDSHAKE[1],
+    HANDSHAKE[2],
+    HANDSHAKE[3],
+];
 /// What the probes attach to, for `hoptrace check`'s plan.
-pub const HOOKS: &str = "uprobe+uretprobe on SSL_write, SSL_write_ex, SSL_read, SSL_read_ex in \
-                         libssl.so* and executables exporting them (node), found in /proc";
+pub const HOOKS: &str = "uprobe+uretprobe on SSL_write, SSL_write_ex, SSL_read, SSL_read_ex, \
+                         SSL_do_handshake, SSL_connect, SSL_accept, uretprobe on SSL_get_error \
+                         in libssl.so* and executables exporting them (node), found in /proc";
 /// How often /proc is rescanned for OpenSSL files not probed yet.
 pub const RESCAN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Distinct files probed at most (each costs a few uprobes in the kernel).
@@ -60,18 +89,22 @@ pub struct Stats {
     /// Mappings whose file was deleted or replaced since the process mapped it.
     pub files_gone: u64,
     pub files_over_capacity: u64,
+    /// Files probed for plaintext without SSL_do_handshake/SSL_get_error (or whose handshake
+    /// probes failed): their handshake spans have no library view.
+    pub files_without_handshake_symbols: u64,
 }
 
 impl Stats {
     pub fn summary(&self) -> String {
         format!(
             "OpenSSL files probed {}, without SSL symbols {}, failed {}, deleted or replaced {}, \
-             over capacity {}",
+             over capacity {}, without handshake symbols {}",
             self.files_attached,
             self.files_without_symbols,
             self.files_failed,
             self.files_gone,
-            self.files_over_capacity
+            self.files_over_capacity,
+            self.files_without_handshake_symbols
         )
     }
 }
@@ -88,28 +121,30 @@ pub struct OpenSslProbes {
     /// Deleted mappings already counted, by (pid, inode): counted once, not every rescan.
     gone: HashSet<(u32, u64)>,
     pub stats: Stats,
+    /// The handshake programs loaded (else only the plaintext probes attach).
+    handshake: bool,
 }
 
 impl OpenSslProbes {
     /// Loads the probe programs into `ebpf` (they attach later, per file). Fails when the
     /// kernel refuses uprobes: the agent then runs without TLS plaintext.
     pub fn load(ebpf: &mut Ebpf, scope: &Scope) -> anyhow::Result<Self> {
-        let mut loaded = HashSet::new();
-        for (_, entry, ret) in FUNCTIONS {
-            for name in [entry, ret] {
-                if loaded.insert(name) {
-                    program(ebpf, name)?
-                        .load()
-                        .with_context(|| format!("loading {name}"))?;
-                }
-            }
-        }
+        load_programs(ebpf, &PLAINTEXT)?;
+        let handshake = load_programs(ebpf, &HANDSHAKE)
+            .inspect_err(|e| {
+                log::warn!(
+                    "OpenSSL handshake probes unavailable (handshake spans keep their wire \
+                     timing only): {e:#}"
+                )
+            })
+            .is_ok();
         Ok(Self {
             scope: scope.clone(),
             attached: HashMap::new(),
             skipped: HashSet::new(),
             gone: HashSet::new(),
             stats: Stats::default(),
+            handshake,
         })
     }
 
@@ -204,9 +239,10 @@ impl OpenSslProbes {
             self.skipped.insert(id);
             return;
         }
-        match attach(ebpf, &path, &offsets) {
-            Ok(attached) => {
+        match attach(ebpf, &path, &offsets, &PLAINTEXT) {
+            Ok(mut attached) => {
                 self.stats.files_attached += 1;
+                self.attach_handshake(ebpf, &path, &offsets, &mut attached);
                 log::info!(
                     "TLS plaintext probes on {} (found in pid {pid}): {}",
                     candidate.path,
@@ -228,20 +264,74 @@ impl OpenSslProbes {
     }
 }
 
-/// Attaches every function present (entry and return), or fails having attached none of them
-/// that it could take back.
+impl OpenSslProbes {
+    /// The handshake probes on a file that got the plaintext ones; a file without their
+    /// symbols, or where they fail, is counted and logged, and keeps its plaintext probes.
+    fn attach_handshake(
+        &mut self,
+        ebpf: &mut Ebpf,
+        path: &Path,
+        offsets: &HashMap<&'static str, u64>,
+        attached: &mut Vec<&'static str>,
+    ) {
+        if !self.handshake {
+            return;
+        }
+        let missing: Vec<_> = HANDSHAKE_REQUIRED
+            .iter()
+            .filter(|f| !offsets.contains_key(*f))
+            .collect();
+        if !missing.is_empty() {
+            self.stats.files_without_handshake_symbols += 1;
+            log::warn!(
+                "{} has no {missing:?}: its handshakes keep their wire timing only",
+                path.display()
+            );
+            return;
+        }
+        match attach(ebpf, path, offsets, &HANDSHAKE) {
+            Ok(functions) => attached.extend(functions),
+            Err(e) => {
+                self.stats.files_without_handshake_symbols += 1;
+                log::warn!(
+                    "attaching OpenSSL handshake probes to {}: {e:#}",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+/// Loads the entry and return programs of `probes` (each once).
+fn load_programs(ebpf: &mut Ebpf, probes: &[Probe]) -> anyhow::Result<()> {
+    let mut loaded = HashSet::new();
+    for &(_, entry, ret) in probes {
+        for name in entry.into_iter().chain([ret]) {
+            if loaded.insert(name) {
+                program(ebpf, name)?
+                    .load()
+                    .with_context(|| format!("loading {name}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Attaches every function of `probes` present (entry and return), or fails having attached
+/// none of them that it could take back.
 fn attach(
     ebpf: &mut Ebpf,
     path: &Path,
     offsets: &HashMap<&'static str, u64>,
+    probes: &[Probe],
 ) -> anyhow::Result<Vec<&'static str>> {
     let mut links = Vec::new();
     let mut done = Vec::new();
-    let outcome = FUNCTIONS.iter().try_for_each(|&(function, entry, ret)| {
+    let outcome = probes.iter().try_for_each(|&(function, entry, ret)| {
         let Some(&offset) = offsets.get(function) else {
             return Ok(());
         };
-        for name in [entry, ret] {
+        for name in entry.into_iter().chain([ret]) {
             let link = program(ebpf, name)?
                 .attach(
                     [UProbeAttachLocation::AbsoluteOffset(offset)],
@@ -439,7 +529,7 @@ mod tests {
         // Real files of the test bed (TESTBED.md): dynamic libssl 3 and node's static OpenSSL.
         let libssl = Path::new("/usr/lib/x86_64-linux-gnu/libssl.so.3");
         let offsets = symbol_offsets(libssl).expect("libssl.so.3 readable");
-        for function in ["SSL_write", "SSL_read", "SSL_write_ex", "SSL_read_ex"] {
+        for function in FUNCTIONS.map(|(function, _, _)| function) {
             assert!(offsets.contains_key(function), "{function} in {offsets:?}");
         }
         let node = symbol_offsets(Path::new("/usr/bin/node")).expect("node readable");

@@ -8,6 +8,11 @@
 //! drift over time does not favour either side. Run-to-run variation on two cores is 10-15 %
 //! (TESTBED.md): only ratios of paired runs are reported, never single absolute numbers.
 //!
+//! `--tls` runs the same over HTTPS (nginx :443, TLS 1.3; wrk does not verify certificates;
+//! modes `https-keepalive`, `https-newconn`): the agent then sees the requests through the
+//! OpenSSL uprobes on wrk's and nginx's libssl, and completeness counts those request spans.
+//! In `https-newconn` every request is a full handshake, so the load is mostly crypto.
+//!
 //! wrk has no rate limit: `--rate R` paces it in the Lua script (wrk's `delay()` hook, slots
 //! spaced evenly per thread). Without it, runs go as fast as they can and drops are reported at
 //! whatever rate that was.
@@ -133,6 +138,10 @@ pub struct BenchArgs {
     /// wrk connections (open at once).
     #[arg(long, default_value_t = 32)]
     pub connections: u32,
+    /// HTTPS: wrk over TLS to nginx :443 (modes are then named https-keepalive and
+    /// https-newconn); the requests reach the agent through the OpenSSL uprobes.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,18 +152,29 @@ pub enum ModeArg {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
+enum Reuse {
     /// Every connection carries requests until the end of the run.
     Keepalive,
-    /// `Connection: close`: one TCP connection per request.
+    /// `Connection: close`: one TCP connection (and with `--tls` one full TLS handshake) per
+    /// request.
     Newconn,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mode {
+    reuse: Reuse,
+    /// HTTPS to nginx :443: the agent sees the requests through the OpenSSL uprobes (wrk's and
+    /// nginx's libssl), the handshakes through the record headers.
+    tls: bool,
 }
 
 impl Mode {
     fn name(self) -> &'static str {
-        match self {
-            Mode::Keepalive => "keepalive",
-            Mode::Newconn => "newconn",
+        match (self.tls, self.reuse) {
+            (false, Reuse::Keepalive) => "keepalive",
+            (false, Reuse::Newconn) => "newconn",
+            (true, Reuse::Keepalive) => "https-keepalive",
+            (true, Reuse::Newconn) => "https-newconn",
         }
     }
 }
@@ -172,11 +192,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark loads eBPF programs and builds network namespaces: run it as root");
     }
-    let modes = match args.mode {
-        ModeArg::Keepalive => vec![Mode::Keepalive],
-        ModeArg::Newconn => vec![Mode::Newconn],
-        ModeArg::Both => vec![Mode::Keepalive, Mode::Newconn],
-    };
+    let modes: Vec<Mode> = match args.mode {
+        ModeArg::Keepalive => vec![Reuse::Keepalive],
+        ModeArg::Newconn => vec![Reuse::Newconn],
+        ModeArg::Both => vec![Reuse::Keepalive, Reuse::Newconn],
+    }
+    .into_iter()
+    .map(|reuse| Mode {
+        reuse,
+        tls: args.tls,
+    })
+    .collect();
     which("wrk").context("wrk is needed for the load (Debian package wrk; ./x installs it)")?;
     let receiver_script = workspace_root().join("tests/otlp_receiver.py");
     if !receiver_script.exists() {
@@ -225,7 +251,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args.threads,
         args.connections,
         args.duration,
-        lab.nginx_url("/"),
+        url(&lab, args.tls),
         args.rate
             .map_or("as fast as possible".to_owned(), |r| format!(
                 "paced at {r} req/s"
@@ -248,7 +274,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if args.warmup > 0 {
             let load = bench.wrk(mode, args.warmup)?;
             println!(
-                "-- {:<9} warm-up ({} s, not counted): {:.0} req/s",
+                "-- {:<15} warm-up ({} s, not counted): {:.0} req/s",
                 mode.name(),
                 args.warmup,
                 load.rps
@@ -266,7 +292,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 pause(Duration::from_secs(1))?;
                 let run = bench.run_once(mode, with_agent)?;
                 println!(
-                    "-- {:<9} round {round}/{} {}",
+                    "-- {:<15} round {round}/{} {}",
                     mode.name(),
                     args.rounds,
                     run.describe()
@@ -291,6 +317,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Ok(())
     } else {
         bail!("hoptrace overhead targets not met (see FAIL above)")
+    }
+}
+
+/// nginx as the load sees it: HTTP :80, or HTTPS :443 (wrk does not verify certificates).
+fn url(lab: &Lab, tls: bool) -> String {
+    if tls {
+        lab.nginx_https_url("/")
+    } else {
+        lab.nginx_url("/")
     }
 }
 
@@ -348,9 +383,9 @@ impl Run {
     /// The new TCP connections wrk opened: all of them at the start with keep-alive, one per
     /// request otherwise (those open at the end without a finished request aside).
     fn connections(&self, configured: u32) -> u64 {
-        match self.mode {
-            Mode::Keepalive => u64::from(configured),
-            Mode::Newconn => self.load.requests,
+        match self.mode.reuse {
+            Reuse::Keepalive => u64::from(configured),
+            Reuse::Newconn => self.load.requests,
         }
     }
 
@@ -485,11 +520,11 @@ impl Bench<'_> {
             "--latency".into(),
             "-s".into(),
             self.script.display().to_string(),
-            self.lab.nginx_url("/"),
+            url(self.lab, mode.tls),
             "--".into(),
             format!("threads={}", a.threads),
         ];
-        if mode == Mode::Newconn {
+        if mode.reuse == Reuse::Newconn {
             argv.push("close".into());
         }
         if let Some(rate) = a.rate {
@@ -908,7 +943,7 @@ impl Report {
             for (what, ok) in Self::checks(m) {
                 let _ = writeln!(
                     s,
-                    "{} {:<9} {what}",
+                    "{} {:<15} {what}",
                     if ok { "PASS" } else { "FAIL" },
                     m.mode.name()
                 );
