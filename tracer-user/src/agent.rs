@@ -257,13 +257,13 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     }
 
     log::info!("stopping: detaching probes and flushing spans");
-    // The flush bound counts from the signal. Detaching runs meanwhile on a blocking thread:
-    // each tracepoint's detach waits for an RCU grace period in the kernel (60-300 ms each on
-    // a loaded 2-core VM, seconds for all), while spans already queued keep being exported
-    // and the ring buffer keeps being read. Then what the kernel wrote last is taken.
+    // The flush bound counts from the signal. Detaching runs meanwhile on blocking threads
+    // (each link's detach waits for an RCU grace period: see ebpf::detach_all), while spans
+    // already queued keep being exported and the ring buffer keeps being read. Then what the
+    // kernel wrote last is taken.
     let flush_deadline = tokio::time::Instant::now() + options.shutdown_timeout;
     let kernel_counters = ebpf::read_counters(&object).ok();
-    let mut detach = tokio::task::spawn_blocking(move || drop(object));
+    let mut detach = tokio::task::spawn_blocking(move || ebpf::detach_all(object));
     loop {
         tokio::select! {
             _ = &mut detach => break,

@@ -5,7 +5,7 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, PerCpuArray},
-    programs::TracePoint,
+    programs::{Program, ProgramError, TracePoint},
 };
 use tracer_common::{
     conn::{ListenerInfo, ListenerKey},
@@ -192,6 +192,34 @@ impl Attached {
             (false, true) => "syscall,tcp-send,nic",
             (false, false) => "syscall,tcp-send",
         }
+    }
+}
+
+/// Detaches and unloads every program of `object`, one thread per program. Each detach of a
+/// perf-event tracepoint waits for an RCU grace period under the kernel's event_mutex (60-300
+/// ms each on a loaded VM), so those still run one after another; uprobe and tc detaches
+/// overlap with them (3.3 s -> 2.2 s for a whole agent on an idle VM).
+pub fn detach_all(mut object: Ebpf) {
+    std::thread::scope(|threads| {
+        for (name, program) in object.programs_mut() {
+            threads.spawn(move || match unload(program) {
+                Ok(()) | Err(ProgramError::NotLoaded) => {}
+                Err(e) => log::warn!("detaching {name}: {e}"),
+            });
+        }
+    });
+}
+
+/// Unloads a program in place (aya's `Program::unload` takes it by value, out of `Ebpf`).
+fn unload(program: &mut Program) -> Result<(), ProgramError> {
+    match program {
+        Program::TracePoint(p) => p.unload(),
+        Program::UProbe(p) => p.unload(),
+        Program::SchedClassifier(p) => p.unload(),
+        Program::BtfTracePoint(p) => p.unload(),
+        Program::KProbe(p) => p.unload(),
+        // Not used by the agent: dropped with `object`, as before.
+        _ => Ok(()),
     }
 }
 
