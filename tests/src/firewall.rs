@@ -8,6 +8,7 @@ use xtask::lab::{Background, Direction, FW_AGENT_IP, Host, Lab, LabConfig, PERSO
 
 use crate::{
     agent::Agent,
+    clock_shift::ClockShiftRelay,
     receiver::{OtlpReceiver, ReceivedSpan},
 };
 
@@ -45,16 +46,24 @@ pub fn spans_of(
         .collect()
 }
 
-fn within(actual: Duration, expected: Duration, tolerance: Duration, what: &str) {
+pub fn within(actual: Duration, expected: Duration, tolerance: Duration, what: &str) {
     assert!(
         actual.abs_diff(expected) <= tolerance,
         "{what}: {actual:?}, expected {expected:?} +- {tolerance:?}"
     );
 }
 
-/// Checks every keep-alive request of `spans` (all but the first, which also opens the
-/// connection): parents, mode, split and sums.
-pub fn check_split(spans: &[ReceivedSpan], forward_ms: u64, return_ms: u64, mode: &str) {
+/// One trace's spans by hop, each kind in request order (by start time).
+pub struct Hops<'a> {
+    pub agent: Vec<&'a ReceivedSpan>,
+    pub persona: Vec<&'a ReceivedSpan>,
+    pub total: Vec<&'a ReceivedSpan>,
+    pub forward: Vec<&'a ReceivedSpan>,
+    pub back: Vec<&'a ReceivedSpan>,
+}
+
+/// Sorts `spans` by hop; asserts that each hop has `n` of them.
+pub fn hops(spans: &[ReceivedSpan], n: usize) -> Hops<'_> {
     let by = |name: &str, hop: &str| {
         let mut found: Vec<&ReceivedSpan> = spans
             .iter()
@@ -63,24 +72,48 @@ pub fn check_split(spans: &[ReceivedSpan], forward_ms: u64, return_ms: u64, mode
         found.sort_by_key(|s| s.start_time_unix_nano);
         found
     };
-    let (agent, persona) = (by("GET", "agent"), by("GET", "persona"));
-    let (total, forward, back) = (
-        by("firewall", "firewall"),
-        by("firewall.forward", "firewall"),
-        by("firewall.return", "firewall"),
-    );
-    let n = REQUESTS;
+    let hops = Hops {
+        agent: by("GET", "agent"),
+        persona: by("GET", "persona"),
+        total: by("firewall", "firewall"),
+        forward: by("firewall.forward", "firewall"),
+        back: by("firewall.return", "firewall"),
+    };
     assert_eq!(
-        (
-            agent.len(),
-            persona.len(),
-            total.len(),
-            forward.len(),
-            back.len()
-        ),
-        (n, n, n, n, n),
+        [
+            hops.agent.len(),
+            hops.persona.len(),
+            hops.total.len(),
+            hops.forward.len(),
+            hops.back.len()
+        ],
+        [n; 5],
         "{spans:#?}"
     );
+    hops
+}
+
+/// A side's request from its first byte at its host's NIC to the response's first byte there:
+/// leaving and back for the agent, in and out for the persona.
+pub fn nic_to_nic(span: &ReceivedSpan) -> Duration {
+    let event = |name: &str| span.event(name).expect(name).time_unix_nano;
+    Duration::from_nanos(match span.attr_str("hoptrace.hop") {
+        Some("agent") => event("response.nic_ingress") - event("request.nic_egress"),
+        _ => event("response.nic_egress") - event("request.nic_ingress"),
+    })
+}
+
+/// Checks every keep-alive request of `spans` (all but the first, which also opens the
+/// connection): parents, mode, split and sums.
+pub fn check_split(spans: &[ReceivedSpan], forward_ms: u64, return_ms: u64, mode: &str) {
+    let n = REQUESTS;
+    let Hops {
+        agent,
+        persona,
+        total,
+        forward,
+        back,
+    } = hops(spans, n);
     for span in total.iter().chain(&forward).chain(&back) {
         assert_eq!(
             span.parent_span_id, PARENT_ID,
@@ -121,15 +154,10 @@ pub fn check_split(spans: &[ReceivedSpan], forward_ms: u64, return_ms: u64, mode
         // return (one clock, first bytes); the agent's whole span adds its own host's time on top (kernel,
         // and the wait until curl runs again: unbounded on a loaded 2-core machine, so not
         // checked).
-        let event = |span: &ReceivedSpan, name: &str| span.event(name).expect(name).time_unix_nano;
-        let agent_nic = Duration::from_nanos(
-            event(agent[i], "response.nic_ingress") - event(agent[i], "request.nic_egress"),
-        );
+        let agent_nic = nic_to_nic(agent[i]);
         // The persona's part is first byte in to first byte out, like the split's ends; its
         // span lasts to the last byte out (nginx's sendfile body may leave later).
-        let persona_nic = Duration::from_nanos(
-            event(persona[i], "response.nic_egress") - event(persona[i], "request.nic_ingress"),
-        );
+        let persona_nic = nic_to_nic(persona[i]);
         let sum = forward[i].duration() + persona_nic + back[i].duration();
         let what = format!(
             "request {i}: agent (NIC to NIC) = forward + persona + return\n{:#?}",
@@ -154,12 +182,39 @@ pub fn check_split(spans: &[ReceivedSpan], forward_ms: u64, return_ms: u64, mode
 
 /// Runs [`REQUESTS`] GETs with `traceparent` on one keep-alive connection from the agent host.
 pub fn curl_requests(lab: &Lab, url: &str, trace: &str) {
+    curl_keep_alive(lab, url, trace, REQUESTS);
+}
+
+/// Runs `requests` GETs with `traceparent` on one keep-alive connection from the agent host.
+pub fn curl_keep_alive(lab: &Lab, url: &str, trace: &str, requests: usize) {
     let header = format!("traceparent: 00-{trace}-{PARENT_ID}-01");
     let mut args = vec!["curl", "-sS", "-H", header.as_str()];
-    for _ in 0..REQUESTS {
+    for _ in 0..requests {
         args.extend(["-o", "/dev/null", url]);
     }
     lab.run(Host::Agent, &args).unwrap();
+}
+
+/// Through the L3 forwarder delaying `forward_ms` / `return_ms`, with the persona side as a host
+/// whose clock reads `offset_ns` behind the agent side's ([`deploy_correlated_with`]):
+/// `requests` GETs on one keep-alive connection. Returns their spans at the receiver and the
+/// persona host's (fake) boot id.
+pub fn shifted_requests(
+    lab: &Lab,
+    offset_ns: i64,
+    (forward_ms, return_ms): (u64, u64),
+    requests: usize,
+    trace: &str,
+) -> (Vec<ReceivedSpan>, String) {
+    let receiver = OtlpReceiver::start().expect("receiver");
+    let deployment = deploy_correlated_with(lab, &receiver, 30, Some(offset_ns));
+    set_delays(lab, forward_ms, return_ms);
+    curl_keep_alive(lab, &lab.nginx_url("/"), trace, requests);
+    let relay = deployment.relay.as_ref().expect("deployed with a relay");
+    (
+        spans_of(&receiver, trace, requests),
+        relay.boot_id().to_owned(),
+    )
 }
 
 /// The path haproxy answers itself (`HAPROXY_LOCAL_PATH`): a request the persona never sees.
@@ -234,6 +289,8 @@ pub struct Deployment {
     pub correlator: Agent,
     /// The agent-side agent, then the persona-side one.
     pub agents: [Agent; 2],
+    /// What the persona-side agent exports through when its host's clock is shifted.
+    pub relay: Option<ClockShiftRelay>,
     correlator_args: Vec<String>,
     correlator_env: Vec<(&'static str, String)>,
 }
@@ -259,6 +316,19 @@ fn start_correlator(args: &[String], env: &[(&'static str, String)]) -> Agent {
 
 /// `join_window_s`: how long a side waits for the other.
 pub fn deploy_correlated(lab: &Lab, receiver: &OtlpReceiver, join_window_s: u64) -> Deployment {
+    deploy_correlated_with(lab, receiver, join_window_s, None)
+}
+
+/// [`deploy_correlated`], with `persona_clock_offset_ns` Some: the persona side as another
+/// host whose clock reads that much behind the agent side's (agent time = persona time +
+/// offset, the sign of `hoptrace.clock.offset_ns`), its agent exporting through a
+/// [`ClockShiftRelay`] to the correlator's gRPC port.
+pub fn deploy_correlated_with(
+    lab: &Lab,
+    receiver: &OtlpReceiver,
+    join_window_s: u64,
+    persona_clock_offset_ns: Option<i64>,
+) -> Deployment {
     let (grpc, http) = (free_port(), free_port());
     let (grpc_listen, http_listen) = (format!("127.0.0.1:{grpc}"), format!("127.0.0.1:{http}"));
     let correlator_args: Vec<String> = [
@@ -277,6 +347,13 @@ pub fn deploy_correlated(lab: &Lab, receiver: &OtlpReceiver, join_window_s: u64)
         ("OTEL_SERVICE_NAME", "hoptrace-correlator-test".to_owned()),
     ];
     let correlator = start_correlator(&correlator_args, &correlator_env);
+    let relay = persona_clock_offset_ns
+        .map(|offset| ClockShiftRelay::start(&grpc_listen, offset).expect("clock shift relay"));
+    // Unshifted, over the correlator's other transport (the relay speaks gRPC only).
+    let (persona_endpoint, persona_protocol) = match &relay {
+        Some(relay) => (relay.endpoint(), "grpc"),
+        None => (format!("http://{http_listen}"), "http/protobuf"),
+    };
     let agent = |host: Host, endpoint: String, protocol: &str, service: &str| {
         Agent::start(
             &["--netns", lab.netns(host).name()],
@@ -297,14 +374,15 @@ pub fn deploy_correlated(lab: &Lab, receiver: &OtlpReceiver, join_window_s: u64)
         ),
         agent(
             Host::Persona,
-            format!("http://{http_listen}"),
-            "http/protobuf",
+            persona_endpoint,
+            persona_protocol,
             "hoptrace-persona-side",
         ),
     ];
     Deployment {
         correlator,
         agents,
+        relay,
         correlator_args,
         correlator_env,
     }

@@ -2,6 +2,7 @@ pub mod agent;
 pub mod bpf_objects;
 pub mod capture;
 pub mod cgroup;
+pub mod clock_shift;
 pub mod curl;
 pub mod firewall;
 pub mod kube_api;

@@ -23,12 +23,17 @@
 //!
 //! What the truth leaves out: the veth transit between the agent's (persona's) NIC and the
 //! fw's, a few microseconds, lies inside the attributed times and outside the captured ones.
+//!
+//! A second table is the clock offset across hosts: the persona-side agent exports through a
+//! relay that puts its spans on another host's clock, a known offset away (clock_shift.rs),
+//! and the correlator's estimate and its uncertainty must cover that offset on every request.
 
 use std::{collections::HashMap, time::Duration};
 
 use hoptrace_tests::{
     capture::{Packet, capture, read_pcap, tls_connections},
-    firewall::{lab, set_delays, start_haproxy},
+    clock_shift::OffsetSplit,
+    firewall::{lab, set_delays, shifted_requests, start_haproxy},
     receiver::OtlpReceiver,
 };
 use xtask::lab::{Host, Lab, NGINX_TLS_PORT, PersonaLeg};
@@ -38,6 +43,12 @@ const REQUESTS_PER_CONFIG: usize = 30;
 const DELAYS: [(u64, u64); 4] = [(1, 5), (5, 1), (50, 10), (10, 50)];
 const TARGET_MEDIAN_NS: u64 = 100_000;
 const TARGET_P99_NS: u64 = 500_000;
+/// The persona host's clock behind the agent host's (agent time = persona time + offset, the
+/// sign of `hoptrace.clock.offset_ns`), and the fw's delays (forward ms, return ms) under each:
+/// symmetric, then asymmetric (a constant asymmetry looks like an offset: the error it leaves).
+const CLOCK_OFFSETS_NS: [i64; 2] = [250_000_000, -40_000_000];
+const OFFSET_DELAYS: [(u64, u64); 2] = [(5, 5), (20, 5)];
+const OFFSET_REQUESTS: usize = 20;
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
@@ -316,4 +327,46 @@ fn accuracy_against_packet_captures() {
         }
     );
     assert!(forwarder && proxy && interception, "accuracy target missed");
+}
+
+#[test]
+#[ignore = "the accuracy benchmark: ./x accuracy"]
+fn clock_offset_estimate_against_a_known_offset() {
+    let ms = |ns: f64| format!("{:.3}", ns / 1e6);
+    let mut table = vec![
+        "| injected offset (ms) | delay fwd / ret (ms) | requests | estimated offset, last request (ms) | uncertainty (ms) | \\|error\\| (ms) | covered |".to_string(),
+        "|---|---|---|---|---|---|---|".to_string(),
+    ];
+    let mut all_covered = true;
+    let lab = lab();
+    for (o, &offset_ns) in CLOCK_OFFSETS_NS.iter().enumerate() {
+        for (d, &(forward_ms, return_ms)) in OFFSET_DELAYS.iter().enumerate() {
+            let trace = format!("{:08x}{:08x}{:016x}", o + 1, d + 1, rand_suffix());
+            let (spans, _) = shifted_requests(
+                &lab,
+                offset_ns,
+                (forward_ms, return_ms),
+                OFFSET_REQUESTS,
+                &trace,
+            );
+            let mut firewall: Vec<_> = spans.iter().filter(|s| s.name == "firewall").collect();
+            firewall.sort_by_key(|s| s.start_time_unix_nano);
+            let splits: Vec<OffsetSplit> = firewall.iter().map(|s| OffsetSplit::of(s)).collect();
+            let covered = splits.iter().filter(|s| s.covers(offset_ns)).count();
+            all_covered &= covered == splits.len();
+            let last = splits.last().expect("firewall spans");
+            table.push(format!(
+                "| {:+} | {forward_ms} / {return_ms} | {} | {} | {} | {} | {} ({covered} of {}) |",
+                offset_ns / 1_000_000,
+                splits.len(),
+                ms(last.offset_ns as f64),
+                ms(last.uncertainty_ns as f64),
+                ms(last.error_ns(offset_ns) as f64),
+                if covered == splits.len() { "yes" } else { "no" },
+                splits.len(),
+            ));
+        }
+    }
+    println!("\n{}\n", table.join("\n"));
+    assert!(all_covered, "an estimate missed the injected offset");
 }

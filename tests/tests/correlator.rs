@@ -3,17 +3,21 @@
 //! OTLP to `hoptrace correlate` (one over gRPC, one over HTTP/protobuf), which passes their
 //! spans on to the real OTLP receiver and adds the firewall spans. Both agents read this one
 //! kernel's clock (the same boot id in their resources), so the split is measured, and the
-//! sums are checked as in the single-host test; the offset estimator for different clocks is
-//! unit-tested (clock_offset.rs, correlate.rs).
+//! sums are checked as in the single-host test. For different clocks, the persona-side agent
+//! exports through a relay that moves its spans onto another "host" whose clock is off by a
+//! known amount (clock_shift.rs): the correlator's offset estimate and its stated uncertainty
+//! must cover that offset.
 
 use std::time::Duration;
 
 use hoptrace_tests::{
+    clock_shift::OffsetSplit,
     firewall::{
-        HAPROXY_LOCAL_PATH, PARENT_ID, REQUESTS, check_split, curl_requests, deploy_correlated,
-        lab, set_delays, spans_of, start_haproxy,
+        HAPROXY_LOCAL_PATH, PARENT_ID, REQUESTS, SPLIT_TOLERANCE, SUM_TOLERANCE, check_split,
+        curl_requests, deploy_correlated, hops, lab, nic_to_nic, set_delays, shifted_requests,
+        spans_of, start_haproxy, within,
     },
-    receiver::OtlpReceiver,
+    receiver::{OtlpReceiver, ReceivedSpan},
 };
 use xtask::lab::Host;
 
@@ -123,4 +127,121 @@ fn two_agents_and_the_correlator_attribute_a_proxy_and_pass_one_sided_requests_t
             .iter()
             .any(|s| s.trace_id == lonely && s.name.starts_with("firewall"))
     );
+}
+
+/// The persona host's clock reads this much behind the agent host's (agent time = persona time
+/// + offset: the sign of `hoptrace.clock.offset_ns`).
+const PERSONA_CLOCK_OFFSET_NS: i64 = 250_000_000;
+/// Enough for the least delayed requests to pin the bounds (minimum-delay filtering).
+const OFFSET_REQUESTS: usize = 15;
+/// Wider than this, the correlator marks the split estimated (correlate.rs).
+const PRECISE_SPLIT_NS: i64 = 100_000;
+
+/// Every request's offset estimate covers the true offset; the split is marked estimated, sums
+/// to the time outside the persona without any shared clock, and nests inside the agent's
+/// request. The last request's bounds are the least forward and return delays around the
+/// offset: uncertainty half the round trip, error half the asymmetry (a constant asymmetry
+/// cannot be told from an offset).
+fn check_offset_covered(
+    spans: &[ReceivedSpan],
+    persona_boot_id: &str,
+    offset_ns: i64,
+    (forward_ms, return_ms): (u64, u64),
+) {
+    let n = OFFSET_REQUESTS;
+    let hops = hops(spans, n);
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    for span in &hops.agent {
+        assert_eq!(
+            span.resource_str("hoptrace.clock.boot_id"),
+            Some(boot_id.trim())
+        );
+    }
+    for span in &hops.persona {
+        assert_eq!(
+            span.resource_str("hoptrace.clock.boot_id"),
+            Some(persona_boot_id)
+        );
+        assert_eq!(
+            span.resource
+                .get("hoptrace.clock.synchronized")
+                .and_then(|v| v.as_bool()),
+            Some(false)
+        );
+    }
+    let inside = |child: &ReceivedSpan, parent: &ReceivedSpan| {
+        parent.start_time_unix_nano <= child.start_time_unix_nano
+            && child.end_time_unix_nano <= parent.end_time_unix_nano
+    };
+    for i in 0..n {
+        let split = OffsetSplit::of(hops.total[i]);
+        let what = format!(
+            "request {i}: {split:?}\n{:#?}",
+            [hops.total[i], hops.agent[i], hops.persona[i]]
+        );
+        assert!(split.covers(offset_ns), "not covered: {what}");
+        assert!(split.uncertainty_ns > PRECISE_SPLIT_NS, "{what}");
+        assert_eq!(
+            hops.total[i].attr_str("hoptrace.firewall.split"),
+            Some("estimated"),
+            "{what}"
+        );
+        assert!(
+            hops.total[i].attr_str("hoptrace.uncertain").is_some(),
+            "{what}"
+        );
+        assert!(split.forward_ns >= 0 && split.return_ns >= 0, "{what}");
+        within(
+            Duration::from_nanos((split.forward_ns + split.return_ns) as u64),
+            nic_to_nic(hops.agent[i]) - nic_to_nic(hops.persona[i]),
+            SUM_TOLERANCE,
+            &format!("forward + return = agent minus persona, NIC to NIC: {what}"),
+        );
+        assert_eq!(
+            (hops.forward[i].duration(), hops.back[i].duration()),
+            (
+                Duration::from_nanos(split.forward_ns as u64),
+                Duration::from_nanos(split.return_ns as u64)
+            ),
+            "{what}"
+        );
+        assert!(inside(hops.total[i], hops.agent[i]), "{what}");
+        assert!(
+            inside(hops.forward[i], hops.total[i]) && inside(hops.back[i], hops.total[i]),
+            "{what}\n{:#?}",
+            [hops.forward[i], hops.back[i]]
+        );
+    }
+    let last = OffsetSplit::of(hops.total[n - 1]);
+    within(
+        Duration::from_nanos(last.uncertainty_ns as u64),
+        Duration::from_micros((forward_ms + return_ms) * 500),
+        SPLIT_TOLERANCE,
+        &format!("uncertainty: half the round trip, {last:?}"),
+    );
+    within(
+        Duration::from_nanos(last.error_ns(offset_ns)),
+        Duration::from_micros(forward_ms.abs_diff(return_ms) * 500),
+        SPLIT_TOLERANCE,
+        &format!("error: half the asymmetry, {last:?}"),
+    );
+}
+
+#[test]
+fn a_known_clock_offset_between_hosts_is_covered_by_the_estimate_and_its_uncertainty() {
+    let lab = lab();
+    // A fresh correlator (and fake host) per pair: one offset estimate each.
+    for (delays, trace) in [
+        ((10, 10), "5af7651916cd43dd8448eb211c80319c"),
+        ((20, 5), "6af7651916cd43dd8448eb211c80319c"),
+    ] {
+        let (spans, persona_boot_id) = shifted_requests(
+            &lab,
+            PERSONA_CLOCK_OFFSET_NS,
+            delays,
+            OFFSET_REQUESTS,
+            trace,
+        );
+        check_offset_covered(&spans, &persona_boot_id, PERSONA_CLOCK_OFFSET_NS, delays);
+    }
 }

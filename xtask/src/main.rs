@@ -69,7 +69,8 @@ fn main() -> anyhow::Result<()> {
             let bin = build_hoptrace()?;
             let status = cargo()
                 .args(["test", "-p", "hoptrace-tests", "--test", "accuracy", "--"])
-                .args(["--ignored", "--nocapture"])
+                // One measurement at a time: they share the 2 cores and time to the microsecond.
+                .args(["--ignored", "--nocapture", "--test-threads", "1"])
                 .env("HOPTRACE_BIN", &bin)
                 .current_dir(workspace_root())
                 .status()
