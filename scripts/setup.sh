@@ -107,13 +107,17 @@ mount_kernel_filesystems() {
 }
 
 main() {
-  need_root
-  install_debian_packages
-  install_python_packages
-  install_rust_toolchain
-  install_bpf_linker
-  mount_kernel_filesystems
-  # For callers that source the environment: where the linker lives.
+  # Callers read standard output as the linker's directory (./x: linker_dir=$(setup.sh)), so
+  # everything the installers print goes to standard error: on a fresh machine rustup and apt
+  # write progress to standard output, which would otherwise corrupt PATH.
+  {
+    need_root
+    install_debian_packages
+    install_python_packages
+    install_rust_toolchain
+    install_bpf_linker
+    mount_kernel_filesystems
+  } >&2
   echo "$BPF_LINKER_ROOT/bin"
 }
 

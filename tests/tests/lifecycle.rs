@@ -314,7 +314,17 @@ fn a_collector_outage_costs_counted_bounded_drops_and_export_recovers_on_its_ret
             Duration::from_secs(15),
         )
         .unwrap_or_else(|e| panic!("export did not recover: {e:#}\n{}", agent.stderr()));
-    assert!(request_spans(&receiver.spans(), DURING, "agent").len() <= QUEUE + 8);
+    // What the outage let through is what was waiting when it began: the queue, the batch
+    // being built and the batches in flight, which keep retrying and may land after the return.
+    let delivered_during = receiver
+        .spans()
+        .iter()
+        .filter(|s| s.trace_id == DURING)
+        .count();
+    assert!(
+        delivered_during <= QUEUE + 5 * 8,
+        "{delivered_during} spans of the outage delivered"
+    );
     agent.stop().expect("stop");
     // The exit summary counts the same losses.
     let log = agent.stderr();
