@@ -111,20 +111,23 @@ pub enum Counter {
     PlaintextUnjoined = 6,
     /// TLS library handshake records (`crate::handshake_call::HandshakeCallEvent`) submitted.
     HandshakeCallSubmitted = 7,
+    /// A syscall's entry found the entry/exit table (`SYSCALLS`) full: its bytes are lost.
+    SyscallTableFull = 8,
 }
 /// Number of entries in [`COUNTERS`].
-pub const COUNTER_COUNT: u32 = 8;
+pub const COUNTER_COUNT: u32 = 9;
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for KernelOffsets {}
 
-/// LRU hash: pid_tgid (u64) -> [`crate::data::SyscallContext`] between a syscall's entry and exit.
+/// Hash: pid_tgid (u64) -> [`crate::data::SyscallContext`] between a syscall's entry and exit.
 pub const SYSCALLS: &str = "SYSCALLS";
 /// LRU hash: socket address (u64) -> ns when the oldest unread segment reached TCP.
 pub const RX_ARRIVAL: &str = "RX_ARRIVAL";
-/// LRU hash: [`crate::nic::NicKey`] -> ns when that data segment left through a NIC (tc egress).
+/// Array of [`crate::nic::NIC_SLOTS`] [`crate::nic::NicStamp`]s: when data segments left
+/// through a NIC (tc egress), direct-mapped by [`crate::nic::slot`].
 pub const NIC_TX: &str = "NIC_TX";
-/// LRU hash: [`crate::nic::NicKey`] -> ns when that data segment arrived at a NIC (tc ingress).
+/// As [`NIC_TX`], for data segments arriving at a NIC (tc ingress).
 pub const NIC_RX: &str = "NIC_RX";
 /// Per-CPU scratch for building a [`crate::data::DataEvent`] (too big for the BPF stack).
 pub const DATA_SCRATCH: &str = "DATA_SCRATCH";

@@ -19,7 +19,7 @@ use aya_ebpf::{
         generated::bpf_probe_read_user as read_user_raw,
     },
     macros::{map, tracepoint},
-    maps::{LruHashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray},
     programs::TracePointContext,
 };
 use tracer_common::{
@@ -34,12 +34,15 @@ use tracer_common::{
 
 use crate::{
     maps::{EVENTS, count},
-    nic::NIC_RX,
-    scope,
+    nic, scope,
 };
 
+/// A plain hash, not an LRU: every in-scope read and write inserts and deletes here, and an LRU
+/// insert (global lock, node recycling) cost several times a hash insert. Entries never
+/// outlive their syscall (sys_exit fires even for a task killed in the call); the next entry
+/// of the same thread replaces one whose exit was missed while attaching.
 #[map]
-static SYSCALLS: LruHashMap<u64, SyscallContext> = LruHashMap::with_max_entries(16384, 0);
+static SYSCALLS: HashMap<u64, SyscallContext> = HashMap::with_max_entries(16384, 0);
 
 #[map]
 static RX_ARRIVAL: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
@@ -115,7 +118,9 @@ fn enter(ctx: &TracePointContext, direction: u8, kind: u8) {
         seq: 0,
         netns_ino: 0,
     };
-    let _ = SYSCALLS.insert(&pid_tgid, &context, 0);
+    if SYSCALLS.insert(&pid_tgid, &context, 0).is_err() {
+        count(Counter::SyscallTableFull);
+    }
 }
 
 /// The calling task's network namespace, when a netns filter is set (entry-time pruning: most
@@ -207,7 +212,11 @@ pub fn tcp_probe(ctx: TracePointContext) -> u32 {
     if !scope::sock_netns(sk, &off).is_ok_and(scope::netns_in_scope) {
         return 0;
     }
-    // Keep the oldest unread arrival: NOEXIST leaves an earlier timestamp in place.
+    // Keep the oldest unread arrival. Looked up first: an LRU insert takes a free node (and
+    // the LRU lock) before it finds the key present, and most segments find it present.
+    if unsafe { RX_ARRIVAL.get(&sk) }.is_some() {
+        return 0;
+    }
     let now = unsafe { bpf_ktime_get_ns() };
     let _ = RX_ARRIVAL.insert(&sk, &now, BPF_NOEXIST as u64);
     0
@@ -263,9 +272,7 @@ fn emit(context: &SyscallContext, pid_tgid: u64, moved: u64) -> Result<(), ()> {
             remote_port: event.dport,
             seq: context.seq,
         };
-        if let Some(arrived) = unsafe { NIC_RX.get(&key) } {
-            event.nic_ns = *arrived;
-        }
+        event.nic_ns = nic::arrival(&key).unwrap_or(0);
     }
     event.comm = bpf_get_current_comm().unwrap_or_default();
 

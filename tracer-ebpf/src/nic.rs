@@ -1,22 +1,23 @@
 //! The NIC layer: tc classifiers on the observed namespaces' interfaces (TCX on 6.6+, clsact
 //! before) record when each TCP data segment left or arrived, keyed by connection and first
-//! sequence number (tracer_common::nic::NicKey). User space looks up the segments that carry a
-//! request's or a response's first byte. Programs only read the packet and always pass it.
+//! sequence number (tracer_common::nic::NicKey) in direct-mapped tables (see tracer_common::nic
+//! for why not a hash map). User space looks up the segments that carry a request's or a
+//! response's first byte. Programs only read the packet and always pass it.
 
 use aya_ebpf::{
     bindings::TC_ACT_OK,
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::LruHashMap,
+    maps::Array,
     programs::TcContext,
 };
-use tracer_common::nic::NicKey;
+use tracer_common::nic::{NIC_SLOTS, NicKey, NicStamp, slot};
 
 #[map]
-static NIC_TX: LruHashMap<NicKey, u64> = LruHashMap::with_max_entries(65536, 0);
+static NIC_TX: Array<NicStamp> = Array::with_max_entries(NIC_SLOTS, 0);
 
 #[map]
-pub static NIC_RX: LruHashMap<NicKey, u64> = LruHashMap::with_max_entries(65536, 0);
+static NIC_RX: Array<NicStamp> = Array::with_max_entries(NIC_SLOTS, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -26,9 +27,7 @@ const IPPROTO_TCP: u8 = 6;
 #[classifier]
 pub fn nic_egress(ctx: TcContext) -> i32 {
     if let Some(key) = segment(&ctx, true) {
-        let now = unsafe { bpf_ktime_get_ns() };
-        // First transmission wins: a retransmission must not move the time the data first left.
-        let _ = NIC_TX.insert(&key, &now, aya_ebpf::bindings::BPF_NOEXIST as u64);
+        record(&NIC_TX, &key);
     }
     TC_ACT_OK
 }
@@ -36,74 +35,94 @@ pub fn nic_egress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn nic_ingress(ctx: TcContext) -> i32 {
     if let Some(key) = segment(&ctx, false) {
-        let now = unsafe { bpf_ktime_get_ns() };
-        let _ = NIC_RX.insert(&key, &now, aya_ebpf::bindings::BPF_NOEXIST as u64);
+        record(&NIC_RX, &key);
     }
     TC_ACT_OK
 }
 
+/// When the segment `key` crossed the NIC, as of now, unless its slot already holds it: the
+/// first transmission wins, a retransmission must not move the time the data first left.
+#[inline(always)]
+fn record(table: &Array<NicStamp>, key: &NicKey) {
+    let Some(stamp) = table.get_ptr_mut(slot(key)) else {
+        return;
+    };
+    // SAFETY: a valid slot of the array; a concurrent writer of the same slot (another CPU,
+    // another segment hashing here within nanoseconds) may interleave with this one, and the
+    // reader's whole-key comparison then almost always rejects the mixed slot.
+    let stamp = unsafe { &mut *stamp };
+    if stamp.ns != 0 && stamp.key.same_as(key) {
+        return;
+    }
+    stamp.key = *key;
+    stamp.ns = unsafe { bpf_ktime_get_ns() };
+}
+
+/// When the segment `key` arrived, if its slot still holds it.
+#[inline(always)]
+pub fn arrival(key: &NicKey) -> Option<u64> {
+    let stamp = NIC_RX.get(slot(key))?;
+    (stamp.ns != 0 && stamp.key.same_as(key)).then_some(stamp.ns)
+}
+
 /// The key of a TCP segment with payload, from this host's side; None for anything else.
+/// Each header is read with one helper call: they are most of what a packet costs here, and
+/// most packets (ACKs) are dropped from consideration only once both headers are read.
 #[inline(always)]
 fn segment(ctx: &TcContext, egress: bool) -> Option<NicKey> {
     let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
-    let mut key = NicKey::default();
-    let (src, dst, l4, payload_total) = match ethertype {
+    let (mut src, mut dst) = ([0u8; 16], [0u8; 16]);
+    let (l4, payload_total) = match ethertype {
         ETH_P_IP => {
-            let version_ihl: u8 = ctx.load(ETH_HLEN).ok()?;
-            let ihl = usize::from(version_ihl & 0x0f) * 4;
-            if ihl < 20 || ctx.load::<u8>(ETH_HLEN + 9).ok()? != IPPROTO_TCP {
-                return None;
-            }
+            let ip: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
             // Fragments carry no TCP header at the offset we would read.
-            let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).ok()?);
-            if frag & 0x3fff != 0 {
+            let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
+            if ihl < 20 || ip[9] != IPPROTO_TCP || fragment {
                 return None;
             }
-            let total = usize::from(u16::from_be(ctx.load::<u16>(ETH_HLEN + 2).ok()?));
-            let src: [u8; 4] = ctx.load(ETH_HLEN + 12).ok()?;
-            let dst: [u8; 4] = ctx.load(ETH_HLEN + 16).ok()?;
-            let mut s = [0u8; 16];
-            let mut d = [0u8; 16];
-            s[..4].copy_from_slice(&src);
-            d[..4].copy_from_slice(&dst);
-            (s, d, ETH_HLEN + ihl, total.checked_sub(ihl)?)
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+            src[..4].copy_from_slice(&ip[12..16]);
+            dst[..4].copy_from_slice(&ip[16..20]);
+            (ETH_HLEN + ihl, total.checked_sub(ihl)?)
         }
         ETH_P_IPV6 => {
+            let ip: [u8; 8] = ctx.load(ETH_HLEN).ok()?;
             // Extension headers are not followed: a segment behind one has no NIC time.
-            if ctx.load::<u8>(ETH_HLEN + 6).ok()? != IPPROTO_TCP {
+            if ip[6] != IPPROTO_TCP {
                 return None;
             }
-            let payload = usize::from(u16::from_be(ctx.load::<u16>(ETH_HLEN + 4).ok()?));
-            let src: [u8; 16] = ctx.load(ETH_HLEN + 8).ok()?;
-            let dst: [u8; 16] = ctx.load(ETH_HLEN + 24).ok()?;
-            (src, dst, ETH_HLEN + 40, payload)
+            src = ctx.load(ETH_HLEN + 8).ok()?;
+            dst = ctx.load(ETH_HLEN + 24).ok()?;
+            (ETH_HLEN + 40, usize::from(u16::from_be_bytes([ip[4], ip[5]])))
         }
         _ => return None,
     };
-    let sport = u16::from_be(ctx.load::<u16>(l4).ok()?);
-    let dport = u16::from_be(ctx.load::<u16>(l4 + 2).ok()?);
-    let seq = u32::from_be(ctx.load::<u32>(l4 + 4).ok()?);
-    let data_offset: u8 = ctx.load(l4 + 12).ok()?;
-    let tcp_header = usize::from(data_offset >> 4) * 4;
+    // Ports, sequence number and data offset: the first 13 bytes of the TCP header.
+    let tcp: [u8; 16] = ctx.load(l4).ok()?;
+    let tcp_header = usize::from(tcp[12] >> 4) * 4;
     // GSO/GRO packets report their whole length here too: "has payload" is what matters.
     if payload_total <= tcp_header {
         return None;
     }
-    if egress {
-        (
-            key.local_addr,
-            key.remote_addr,
-            key.local_port,
-            key.remote_port,
-        ) = (src, dst, sport, dport);
+    let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+    let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    Some(if egress {
+        NicKey {
+            local_addr: src,
+            remote_addr: dst,
+            local_port: sport,
+            remote_port: dport,
+            seq,
+        }
     } else {
-        (
-            key.local_addr,
-            key.remote_addr,
-            key.local_port,
-            key.remote_port,
-        ) = (dst, src, dport, sport);
-    }
-    key.seq = seq;
-    Some(key)
+        NicKey {
+            local_addr: dst,
+            remote_addr: src,
+            local_port: dport,
+            remote_port: sport,
+            seq,
+        }
+    })
 }

@@ -360,6 +360,13 @@ fn check_kernel_counters(object: &aya::Ebpf, counts: &mut Counts) {
         );
         counts.ringbuf_full_reported = full;
     }
+    let untracked = ebpf::counter(&counters, Counter::SyscallTableFull);
+    if untracked > 0 {
+        log::warn!(
+            "{untracked} socket reads and writes lost in total: more threads were inside \
+             observed syscalls at once than the kernel's table holds"
+        );
+    }
     let unreadable = ebpf::counter(&counters, Counter::KernelReadFailed);
     if unreadable > 0 {
         log::debug!("{unreadable} socket reads failed in the kernel (skipped)");

@@ -10,10 +10,13 @@ use std::{ffi::CStr, fs::File, net::IpAddr, os::fd::AsRawFd as _, path::PathBuf}
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData},
+    maps::{Array, MapData},
     programs::{SchedClassifier, TcAttachType},
 };
-use tracer_common::{maps, nic::NicKey};
+use tracer_common::{
+    maps,
+    nic::{NicKey, NicStamp, slot},
+};
 
 use crate::scope::Scope;
 
@@ -120,7 +123,7 @@ pub trait NicTimes {
 /// The kernel's egress table, read at span-building time: a request's segment left before its
 /// response came back, a response's before the persona's next read or the span's end.
 pub struct KernelNicTimes {
-    tx: HashMap<MapData, NicKey, u64>,
+    tx: Array<MapData, NicStamp>,
 }
 
 impl KernelNicTimes {
@@ -129,14 +132,16 @@ impl KernelNicTimes {
             .take_map(maps::NIC_TX)
             .with_context(|| format!("{} missing", maps::NIC_TX))?;
         Ok(Self {
-            tx: HashMap::try_from(tx)?,
+            tx: Array::try_from(tx)?,
         })
     }
 }
 
 impl NicTimes for KernelNicTimes {
     fn egress(&self, key: &NicKey) -> Option<u64> {
-        self.tx.get(key, 0).ok()
+        // The slot may hold another segment by now (tracer_common::nic): then none is known.
+        let stamp = self.tx.get(&slot(key), 0).ok()?;
+        (stamp.ns != 0 && stamp.key == *key).then_some(stamp.ns)
     }
 }
 
