@@ -44,6 +44,10 @@ use crate::{
 #[map]
 static SYSCALLS: HashMap<u64, SyscallContext> = HashMap::with_max_entries(16384, 0);
 
+/// Per socket, when the oldest unread segment reached TCP; 0 once a read took it. Cleared
+/// rather than removed, and set in place: an LRU insert or delete per segment and per read
+/// (the LRU lock, a node recycled) cost more than the rest of those probes; a socket pays
+/// one insert in its life and the LRU evicts the entries of closed sockets.
 #[map]
 static RX_ARRIVAL: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
 
@@ -212,13 +216,18 @@ pub fn tcp_probe(ctx: TracePointContext) -> u32 {
     if !scope::sock_netns(sk, &off).is_ok_and(scope::netns_in_scope) {
         return 0;
     }
-    // Keep the oldest unread arrival. Looked up first: an LRU insert takes a free node (and
-    // the LRU lock) before it finds the key present, and most segments find it present.
-    if unsafe { RX_ARRIVAL.get(&sk) }.is_some() {
-        return 0;
-    }
+    // Keep the oldest unread arrival.
     let now = unsafe { bpf_ktime_get_ns() };
-    let _ = RX_ARRIVAL.insert(&sk, &now, BPF_NOEXIST as u64);
+    match RX_ARRIVAL.get_ptr_mut(&sk) {
+        Some(arrival) => unsafe {
+            if *arrival == 0 {
+                *arrival = now;
+            }
+        },
+        None => {
+            let _ = RX_ARRIVAL.insert(&sk, &now, BPF_NOEXIST as u64);
+        }
+    }
     0
 }
 
@@ -252,10 +261,15 @@ fn emit(context: &SyscallContext, pid_tgid: u64, moved: u64) -> Result<(), ()> {
     event.enter_ns = context.enter_ns;
     event.tcp_ns = context.tcp_ns;
     if context.direction == DIRECTION_RECV {
-        if let Some(arrival) = unsafe { RX_ARRIVAL.get(&sk) } {
-            event.tcp_ns = *arrival;
+        if let Some(arrival) = RX_ARRIVAL.get_ptr_mut(&sk) {
+            // SAFETY: a valid value of the map; tcp_probe on another CPU may set it meanwhile,
+            // and that segment's time is then lost (the next read says "not seen"), as with a
+            // remove.
+            unsafe {
+                event.tcp_ns = *arrival;
+                *arrival = 0;
+            }
         }
-        let _ = RX_ARRIVAL.remove(&sk);
     }
     event.netns_ino = context.netns_ino;
     event.len = moved.min(u32::MAX as u64) as u32;

@@ -36,7 +36,10 @@ static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(16384,
 #[map]
 static TLS_SESSIONS: LruHashMap<TlsSessionKey, TlsSession> = LruHashMap::with_max_entries(65536, 0);
 
-/// Per thread, its last ciphertext receive outside a library call (memory-BIO reads).
+/// Per thread, its last ciphertext receive outside a library call (memory-BIO reads). Every
+/// receive of every observed thread writes here, TLS or not: a thread's entry is overwritten
+/// in place and consumed by clearing its socket (`skaddr` 0), so that the plain read path pays
+/// an LRU insert (its lock, a node recycled) once per thread, not once per read.
 #[map]
 static TLS_LAST_RECV: LruHashMap<u64, Ciphertext> = LruHashMap::with_max_entries(16384, 0);
 
@@ -106,7 +109,12 @@ pub fn on_ciphertext(pid_tgid: u64, record: &DataEvent) {
         if record.direction == DIRECTION_SEND {
             send_pending(pid_tgid, &ciphertext);
         } else {
-            let _ = TLS_LAST_RECV.insert(&pid_tgid, &ciphertext, 0);
+            match TLS_LAST_RECV.get_ptr_mut(&pid_tgid) {
+                Some(last) => unsafe { *last = ciphertext },
+                None => {
+                    let _ = TLS_LAST_RECV.insert(&pid_tgid, &ciphertext, 0);
+                }
+            }
         }
         return;
     };
@@ -190,11 +198,11 @@ pub fn call_finished(call: &TlsCall, pid_tgid: u64, moved: Option<u64>) {
         Some(socket) => socket.skaddr,
         None => 0,
     };
-    if let Some(last) = unsafe { TLS_LAST_RECV.get(&pid_tgid) } {
-        let last = *last;
-        if known_skaddr == 0 || known_skaddr == last.skaddr {
+    if let Some(slot) = TLS_LAST_RECV.get_ptr_mut(&pid_tgid) {
+        let last = unsafe { *slot };
+        if last.skaddr != 0 && (known_skaddr == 0 || known_skaddr == last.skaddr) {
             // Consumed: a later read served from the buffer must not reuse its times.
-            let _ = TLS_LAST_RECV.remove(&pid_tgid);
+            unsafe { (*slot).skaddr = 0 };
             remember(event, &last);
             output(event, &last, joined_by::LAST_RECV);
             return;
