@@ -167,17 +167,7 @@ impl<'a> Headers<'a> {
     /// element, hex); [`HttpError::ContentLengthOverflow`] above `u64::MAX`. RFC 9112 §6.3 item
     /// 5: each makes the message framing invalid.
     pub fn content_length(&self) -> Result<Option<u64>, HttpError> {
-        let mut found = None;
-        for value in self.get_all(b"content-length") {
-            for element in value.split(|&b| b == b',') {
-                let n = parse_decimal(trim_ows(element))?;
-                match found {
-                    Some(prev) if prev != n => return Err(HttpError::ConflictingContentLength),
-                    _ => found = Some(n),
-                }
-            }
-        }
-        Ok(found)
+        self.select().content_length
     }
 
     /// Whether the last transfer coding is `chunked` (RFC 9112 §6.1, §6.3 item 4), across all
@@ -186,17 +176,36 @@ impl<'a> Headers<'a> {
     /// request so framed is invalid; a response is then delimited by connection close).
     #[must_use]
     pub fn is_chunked(&self) -> bool {
-        let mut last: &[u8] = &[];
-        for value in self.get_all(b"transfer-encoding") {
-            for element in value.split(|&b| b == b',') {
-                let element = trim_ows(element);
-                if !element.is_empty() {
-                    last = element;
-                }
+        self.select().chunked
+    }
+
+    /// The body framing and the W3C trace context fields, from one pass over the field lines
+    /// (a lookup per field would scan them once each).
+    #[must_use]
+    pub fn select(&self) -> SelectedFields<'a> {
+        let mut selected = SelectedFields {
+            traceparent: None,
+            traceparent_lines: 0,
+            tracestate: None,
+            content_length: Ok(None),
+            chunked: false,
+        };
+        let mut last_coding: &[u8] = &[];
+        for (name, value) in self.iter() {
+            if name.eq_ignore_ascii_case(b"traceparent") {
+                selected.traceparent.get_or_insert(value);
+                selected.traceparent_lines += 1;
+            } else if name.eq_ignore_ascii_case(b"tracestate") {
+                selected.tracestate.get_or_insert(value);
+            } else if name.eq_ignore_ascii_case(b"content-length") {
+                selected.content_length = add_content_length(selected.content_length, value);
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                last_coding = last_list_element(value).unwrap_or(last_coding);
             }
         }
-        let coding = last.split(|&b| b == b';').next().unwrap_or_default();
-        trim_ows(coding).eq_ignore_ascii_case(b"chunked")
+        let coding = last_coding.split(|&b| b == b';').next().unwrap_or_default();
+        selected.chunked = trim_ows(coding).eq_ignore_ascii_case(b"chunked");
+        selected
     }
 
     /// Whether any `Connection` field line lists `option`, case-insensitive (RFC 9110 §7.6.1).
@@ -271,6 +280,23 @@ impl<'a> Iterator for HeaderValues<'a, '_> {
 }
 
 impl FusedIterator for HeaderValues<'_, '_> {}
+
+/// What a tracer reads of a head, found in one pass over its complete field lines; see
+/// [`Headers::select`]. Field names match ASCII case-insensitively, values are OWS-trimmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SelectedFields<'a> {
+    /// The first `traceparent` value.
+    pub traceparent: Option<&'a [u8]>,
+    /// How many `traceparent` field lines there are: with more than one, which is right is
+    /// unknowable (W3C Trace Context §3.2).
+    pub traceparent_lines: usize,
+    /// The first `tracestate` value.
+    pub tracestate: Option<&'a [u8]>,
+    /// As [`Headers::content_length`].
+    pub content_length: Result<Option<u64>, HttpError>,
+    /// As [`Headers::is_chunked`].
+    pub chunked: bool,
+}
 
 /// A parsed HTTP/1.x request head (RFC 9112 §3), possibly truncated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -623,8 +649,29 @@ fn parse_decimal(digits: &[u8]) -> Result<u64, HttpError> {
     Ok(n)
 }
 
-/// `tchar` (RFC 9110 §5.6.2).
-const fn is_tchar(b: u8) -> bool {
+/// `tchar` (RFC 9110 §5.6.2): a table lookup, as every byte of every method and field name
+/// is tested (the rule's comparisons showed in the agent's profile).
+fn is_tchar(b: u8) -> bool {
+    TCHAR.get(usize::from(b)).copied().unwrap_or(false)
+}
+
+/// [`tchar_rule`] for every byte value.
+#[expect(
+    clippy::indexing_slicing,
+    reason = "the index stays below the table's length; evaluated at compile time"
+)]
+const TCHAR: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < table.len() {
+        table[b] = tchar_rule(b as u8);
+        b += 1;
+    }
+    table
+};
+
+/// `tchar` (RFC 9110 §5.6.2), the rule [`TCHAR`] tabulates.
+const fn tchar_rule(b: u8) -> bool {
     b.is_ascii_alphanumeric()
         || matches!(
             b,
@@ -643,6 +690,31 @@ const fn is_tchar(b: u8) -> bool {
                 | b'|'
                 | b'~'
         )
+}
+
+/// Folds one `Content-Length` field value into what the earlier ones declared: every list
+/// element must be the same `1*DIGIT` (RFC 9110 §8.6); the first error, in order, sticks.
+fn add_content_length(
+    found: Result<Option<u64>, HttpError>,
+    value: &[u8],
+) -> Result<Option<u64>, HttpError> {
+    let mut found = found?;
+    for element in value.split(|&b| b == b',') {
+        let n = parse_decimal(trim_ows(element))?;
+        match found {
+            Some(prev) if prev != n => return Err(HttpError::ConflictingContentLength),
+            _ => found = Some(n),
+        }
+    }
+    Ok(found)
+}
+
+/// The last non-empty element of a comma-separated list value, OWS-trimmed.
+fn last_list_element(value: &[u8]) -> Option<&[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(trim_ows)
+        .rfind(|element| !element.is_empty())
 }
 
 /// Strips leading and trailing OWS (SP / HTAB, RFC 9110 §5.6.3).
@@ -1274,6 +1346,7 @@ mod tests {
                 for headers in [r, s].into_iter().flatten() {
                     let _ = (headers.content_length(), headers.is_chunked());
                     prop_assert_eq!(headers.iter().count(), headers.len());
+                    prop_assert_select_agrees_with_lookups(&headers)?;
                 }
             }
         }
@@ -1289,6 +1362,7 @@ mod tests {
                 prop_assert_eq!(n.as_bytes(), gn);
                 prop_assert_eq!(v.as_bytes(), gv);
             }
+            prop_assert_select_agrees_with_lookups(&h.headers)?;
         }
 
         /// Prefixes never contradict the whole: same error, or a consistent partial head.
@@ -1322,6 +1396,82 @@ mod tests {
                     (Ok(p), Err(_)) => prop_assert!(!p.complete),
                 }
             }
+        }
+    }
+
+    /// [`Headers::select`] finds what a lookup per field finds.
+    fn prop_assert_select_agrees_with_lookups(headers: &Headers<'_>) -> Result<(), TestCaseError> {
+        let selected = headers.select();
+        prop_assert_eq!(selected.traceparent, headers.get(b"traceparent"));
+        prop_assert_eq!(
+            selected.traceparent_lines,
+            headers.get_all(b"traceparent").count()
+        );
+        prop_assert_eq!(selected.tracestate, headers.get(b"tracestate"));
+        Ok(())
+    }
+
+    #[test]
+    fn select_finds_trace_context_and_framing_in_one_pass() {
+        const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let cases: &[(&str, SelectedFields<'_>)] = &[
+            (
+                "",
+                SelectedFields {
+                    traceparent: None,
+                    traceparent_lines: 0,
+                    tracestate: None,
+                    content_length: Ok(None),
+                    chunked: false,
+                },
+            ),
+            (
+                "Host: h\r\nTraceParent:  00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 \r\n\
+                 tracestate: a=1\r\nTRACESTATE: b=2\r\nContent-Length: 5\r\n",
+                SelectedFields {
+                    traceparent: Some(TP.as_bytes()),
+                    traceparent_lines: 1,
+                    tracestate: Some(b"a=1"),
+                    content_length: Ok(Some(5)),
+                    chunked: false,
+                },
+            ),
+            (
+                "traceparent: x\r\ntraceparent: y\r\nTransfer-Encoding: gzip\r\n\
+                 Transfer-Encoding: chunked\r\nContent-Length: 3\r\nContent-Length: 4\r\n",
+                SelectedFields {
+                    traceparent: Some(b"x"),
+                    traceparent_lines: 2,
+                    tracestate: None,
+                    content_length: Err(HttpError::ConflictingContentLength),
+                    chunked: true,
+                },
+            ),
+            (
+                // Near misses of the names are other fields.
+                "traceparents: x\r\ntrace-state: y\r\ncontent-length2: 7\r\n\
+                 Content-Length: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked, \r\n",
+                SelectedFields {
+                    traceparent: None,
+                    traceparent_lines: 0,
+                    tracestate: None,
+                    content_length: Err(HttpError::InvalidContentLength),
+                    chunked: true,
+                },
+            ),
+        ];
+        for (fields, want) in cases {
+            let input = format!("POST / HTTP/1.1\r\n{fields}\r\n");
+            assert_eq!(req(&input).unwrap().headers.select(), *want, "{fields:?}");
+        }
+    }
+
+    #[test]
+    fn tchar_table_is_the_rule() {
+        let tokens = b"!#$%&'*+-.^_`|~";
+        for b in 0..=u8::MAX {
+            let want = b.is_ascii_alphanumeric() || tokens.contains(&b);
+            assert_eq!(is_tchar(b), want, "{b:#04x}");
         }
     }
 

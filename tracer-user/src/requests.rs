@@ -11,6 +11,7 @@
 //! per socket, and head bytes buffered per stream. What is skipped is counted in [`Stats`].
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap, VecDeque},
     net::IpAddr,
 };
@@ -19,7 +20,7 @@ use tracer_common::{
     conn::{ConnEvent, ConnTransition},
     data::{DIRECTION_SEND, DataEvent},
     handshake_call::HandshakeCallEvent,
-    http::{self, Headers},
+    http,
     plaintext::{PlaintextEvent, library},
     trace_context,
 };
@@ -270,12 +271,11 @@ fn chunk_framing(mut chunk: Chunk, bytes: &[u8]) -> (usize, Body) {
 /// One direction of a socket's byte stream.
 #[derive(Debug)]
 struct Stream {
-    /// Bytes of a head not yet complete.
+    /// Bytes of a head that continues in a later record (a head that a record holds whole is
+    /// parsed where it is, not copied here).
     head: Vec<u8>,
     /// When the head's first bytes moved.
     head_stamp: Stamp,
-    /// Bytes of the head were not captured: it can still yield what it shows, nothing more.
-    head_truncated: bool,
     body: Body,
 }
 
@@ -284,15 +284,29 @@ impl Default for Stream {
         Self {
             head: Vec::new(),
             head_stamp: Stamp::default(),
-            head_truncated: false,
             body: Body::None,
         }
     }
 }
 
+/// How a stream's heads are read: parsed once, when complete or cut short, into what the
+/// spans need (`Fields`); the bytes are not kept.
+trait HeadReader {
+    type Fields;
+    /// Whether bytes begin a head.
+    fn starts_head(&self, bytes: &[u8]) -> bool;
+    /// A head at the start of `buf` that is complete: its length, the body after it and its
+    /// fields; `None` while incomplete. A malformed head ends where its bytes do (the parser's
+    /// errors are stable under extension: more bytes would not mend it), to be counted; the
+    /// stream then waits for the next head.
+    fn complete(&mut self, buf: &[u8]) -> Option<(usize, Body, Self::Fields)>;
+    /// The fields of a head whose remaining bytes will not be seen.
+    fn cut_short(&self, buf: &[u8]) -> Self::Fields;
+}
+
 /// A message head cut from a stream.
-struct Head {
-    bytes: Vec<u8>,
+struct Head<F> {
+    fields: F,
     stamp: Stamp,
     truncated: bool,
     /// What follows the head: whether the message's end will be seen.
@@ -300,8 +314,8 @@ struct Head {
 }
 
 /// What a record completed, in stream order.
-enum Piece {
-    Head(Head),
+enum Piece<F> {
+    Head(Head<F>),
     /// The last byte of the current message's body moved in the record with this stamp.
     BodyEnd(Stamp),
 }
@@ -309,15 +323,14 @@ enum Piece {
 impl Stream {
     /// Feeds one record's bytes (`captured` of `len` were copied); returns the heads and body
     /// ends it completed.
-    fn feed(
+    fn feed<R: HeadReader>(
         &mut self,
         data: &[u8],
         len: u64,
         stamp: Stamp,
-        starts_head: fn(&[u8]) -> bool,
-        mut head_info: impl FnMut(&[u8]) -> Option<(usize, Body)>,
+        reader: &mut R,
         stats: &mut Stats,
-    ) -> Vec<Piece> {
+    ) -> Vec<Piece<R::Fields>> {
         let mut heads = Vec::new();
         let mut at = 0usize; // offset into this record's bytes (may pass `data.len()`)
         // Bounded: each turn consumes a captured byte or more, or skips past the captured
@@ -367,7 +380,7 @@ impl Stream {
                 }
                 Body::UntilNextHead if self.head.is_empty() => {
                     let rest = data.get(at..).unwrap_or_default();
-                    if rest.is_empty() || !starts_head(rest) {
+                    if rest.is_empty() || !reader.starts_head(rest) {
                         break; // body bytes (or bytes we did not see)
                     }
                     self.body = Body::None;
@@ -377,44 +390,57 @@ impl Stream {
             let Some(rest) = data.get(at..).filter(|r| !r.is_empty()) else {
                 // The rest of this record was not captured.
                 if !self.head.is_empty() {
-                    self.head_truncated = true;
-                    self.body = Body::UntilNextHead;
-                    heads.push(self.take_head());
+                    heads.push(self.cut_short(reader));
                 }
                 break;
             };
             if self.head.is_empty() {
-                if !starts_head(rest) {
+                if !reader.starts_head(rest) {
                     stats.non_http_records += 1;
                     self.body = Body::UntilNextHead;
                     break;
                 }
                 self.head_stamp = stamp;
             }
-            let before = self.head.len();
-            let room = MAX_HEAD.saturating_sub(before);
-            self.head.extend_from_slice(&rest[..rest.len().min(room)]);
-            match head_info(&self.head) {
-                Some((head_len, body)) => {
-                    let used_here = head_len.saturating_sub(before);
-                    self.head.truncate(head_len);
-                    self.body = body;
-                    heads.push(self.take_head());
-                    at += used_here;
+            let buffered = self.head.len();
+            let room = MAX_HEAD.saturating_sub(buffered);
+            let new = rest.get(..rest.len().min(room)).unwrap_or(rest);
+            let complete = if buffered == 0 {
+                reader.complete(new)
+            } else {
+                // The parser's verdict on an incomplete head changes only at a line ending:
+                // bytes without CR or LF (after bytes not ending in CR) leave it incomplete.
+                let may_end = self.head.last() == Some(&b'\r')
+                    || new.iter().any(|&b| b == b'\n' || b == b'\r');
+                self.head.extend_from_slice(new);
+                if may_end {
+                    reader.complete(&self.head)
+                } else {
+                    None
                 }
-                None if self.head.len() >= MAX_HEAD => {
-                    self.head_truncated = true;
-                    self.body = Body::UntilNextHead;
-                    heads.push(self.take_head());
-                    break;
+            };
+            match complete {
+                Some((head_len, body, fields)) => {
+                    // Not kept for the next head: a long head's buffer would stay allocated
+                    // on every socket that ever saw one.
+                    self.head = Vec::new();
+                    self.body = body;
+                    heads.push(Piece::Head(Head {
+                        fields,
+                        stamp: self.head_stamp,
+                        truncated: false,
+                        body,
+                    }));
+                    at += head_len.saturating_sub(buffered);
                 }
                 None => {
-                    // Incomplete: the head continues in the next record, unless this one was
-                    // cut by the kernel's capture limit.
-                    if (data.len() as u64) < len {
-                        self.head_truncated = true;
-                        self.body = Body::UntilNextHead;
-                        heads.push(self.take_head());
+                    if buffered == 0 {
+                        self.head.extend_from_slice(new);
+                    }
+                    // Incomplete: the head continues in the next record, unless it reached
+                    // MAX_HEAD or this record was cut by the kernel's capture limit.
+                    if self.head.len() >= MAX_HEAD || (data.len() as u64) < len {
+                        heads.push(self.cut_short(reader));
                     }
                     break;
                 }
@@ -423,66 +449,103 @@ impl Stream {
         heads
     }
 
-    /// The head completed (its body already set in `self.body`), as a piece of output.
-    fn take_head(&mut self) -> Piece {
+    /// The head buffered so far, whose remaining bytes will not be seen (it can still yield
+    /// what it shows, nothing more), as a piece of output; the stream skips to the next head.
+    fn cut_short<R: HeadReader>(&mut self, reader: &R) -> Piece<R::Fields> {
+        self.body = Body::UntilNextHead;
         let head = Head {
-            bytes: std::mem::take(&mut self.head),
+            fields: reader.cut_short(&self.head),
             stamp: self.head_stamp,
-            truncated: self.head_truncated,
+            truncated: true,
             body: self.body,
         };
-        self.head_truncated = false;
+        self.head = Vec::new();
         Piece::Head(head)
     }
 }
 
-/// Where a request head ends and what body follows it; `None` while incomplete. A malformed
-/// head ends where its bytes do (the parser's errors are stable under extension: more bytes
-/// would not mend it), to be counted; the stream then waits for the next head.
-fn request_head_info(buf: &[u8]) -> Option<(usize, Body)> {
-    match http::parse_request_head(buf) {
-        Ok(head) => Some((head.head_len?, body_after(&head.headers, true))),
-        Err(http::HttpError::Incomplete) => None,
-        Err(_) => Some((buf.len(), Body::UntilNextHead)),
-    }
-}
+/// Reads request heads.
+struct Requests;
 
-/// As [`request_head_info`], for the response to the `answered`-th request in flight (when
-/// final: 1xx answer nothing). Counts the final and malformed heads it sees in `answered`, as
-/// `on_data` pops a request for each.
-fn response_head_info(
-    buf: &[u8],
-    in_flight: &VecDeque<Pending>,
-    answered: &mut usize,
-) -> Option<(usize, Body)> {
-    let head = match http::parse_response_head(buf) {
-        Ok(head) => head,
-        Err(http::HttpError::Incomplete) => return None,
-        Err(_) => {
-            *answered += 1;
-            return Some((buf.len(), Body::UntilNextHead));
+impl HeadReader for Requests {
+    /// `None`: the head did not parse.
+    type Fields = Option<RequestFields>;
+
+    fn starts_head(&self, bytes: &[u8]) -> bool {
+        http::looks_like_request(bytes)
+    }
+
+    fn complete(&mut self, buf: &[u8]) -> Option<(usize, Body, Self::Fields)> {
+        match http::parse_request_head(buf) {
+            Ok(head) => {
+                let head_len = head.head_len?;
+                let selected = head.headers.select();
+                let body = body_after(&selected, true);
+                Some((head_len, body, Some(RequestFields::new(&head, &selected))))
+            }
+            Err(http::HttpError::Incomplete) => None,
+            Err(_) => Some((buf.len(), Body::UntilNextHead, None)),
         }
-    };
-    let len = head.head_len?;
-    if head.status < 200 {
-        return Some((len, Body::None));
     }
-    let to_head = in_flight
-        .get(*answered)
-        .is_some_and(|request| request.method == "HEAD");
-    *answered += 1;
-    // A response to HEAD, 204 and 304 have no body (RFC 9112 §6.3), whatever they declare.
-    if to_head || head.status == 204 || head.status == 304 {
-        return Some((len, Body::None));
+
+    fn cut_short(&self, buf: &[u8]) -> Self::Fields {
+        let head = http::parse_request_head(buf).ok()?;
+        Some(RequestFields::new(&head, &head.headers.select()))
     }
-    Some((len, body_after(&head.headers, false)))
 }
 
-fn body_after(headers: &Headers<'_>, request: bool) -> Body {
-    if headers.is_chunked() {
+/// Reads the response heads to the requests in flight, in order: a response to HEAD has no
+/// body. Counts the final and malformed heads it completes in `answered`, as the assembler
+/// pops a request for each.
+struct Responses<'a> {
+    in_flight: &'a VecDeque<Pending>,
+    answered: usize,
+}
+
+impl HeadReader for Responses<'_> {
+    /// The status; `None`: the head did not parse.
+    type Fields = Option<u16>;
+
+    fn starts_head(&self, bytes: &[u8]) -> bool {
+        http::looks_like_response(bytes)
+    }
+
+    fn complete(&mut self, buf: &[u8]) -> Option<(usize, Body, Self::Fields)> {
+        let head = match http::parse_response_head(buf) {
+            Ok(head) => head,
+            Err(http::HttpError::Incomplete) => return None,
+            Err(_) => {
+                self.answered += 1;
+                return Some((buf.len(), Body::UntilNextHead, None));
+            }
+        };
+        let len = head.head_len?;
+        let status = Some(head.status);
+        if head.status < 200 {
+            return Some((len, Body::None, status));
+        }
+        let to_head = self
+            .in_flight
+            .get(self.answered)
+            .is_some_and(|request| request.method == "HEAD");
+        self.answered += 1;
+        // A response to HEAD, 204 and 304 have no body (RFC 9112 §6.3), whatever they declare.
+        if to_head || head.status == 204 || head.status == 304 {
+            return Some((len, Body::None, status));
+        }
+        Some((len, body_after(&head.headers.select(), false), status))
+    }
+
+    fn cut_short(&self, buf: &[u8]) -> Self::Fields {
+        http::parse_response_head(buf).ok().map(|head| head.status)
+    }
+}
+
+fn body_after(selected: &http::SelectedFields<'_>, request: bool) -> Body {
+    if selected.chunked {
         return Body::Chunked(Chunk::START);
     }
-    match headers.content_length() {
+    match selected.content_length {
         Ok(Some(0)) => Body::None,
         Ok(Some(n)) => Body::Length(n),
         // A request without length has no body; a response without one runs until close.
@@ -491,11 +554,53 @@ fn body_after(headers: &Headers<'_>, request: bool) -> Body {
     }
 }
 
+/// What a request's span needs of its head, read when the head was parsed.
+struct RequestFields {
+    method: Cow<'static, str>,
+    /// Cut to [`MAX_PATH`] characters.
+    path: String,
+    context: TraceContext,
+}
+
+impl RequestFields {
+    fn new(head: &http::RequestHead<'_>, selected: &http::SelectedFields<'_>) -> Self {
+        Self {
+            method: method_name(head.method),
+            path: cut_path(String::from_utf8_lossy(head.path())),
+            context: TraceContext::read(
+                selected.traceparent,
+                selected.traceparent_lines,
+                selected.tracestate,
+            ),
+        }
+    }
+}
+
+/// A method as text: the known ones without allocating.
+fn method_name(method: &[u8]) -> Cow<'static, str> {
+    http::KNOWN_METHODS
+        .iter()
+        .find(|known| **known == method)
+        .and_then(|known| std::str::from_utf8(known).ok())
+        .map_or_else(
+            || String::from_utf8_lossy(method).into_owned().into(),
+            Cow::Borrowed,
+        )
+}
+
+/// A path as exported: its first [`MAX_PATH`] characters.
+fn cut_path(path: Cow<'_, str>) -> String {
+    match path.char_indices().nth(MAX_PATH) {
+        Some((end, _)) => path.get(..end).unwrap_or_default().to_owned(),
+        None => path.into_owned(),
+    }
+}
+
 /// A request whose response has not been seen yet.
 #[derive(Debug)]
 struct Pending {
     stamp: Stamp,
-    method: String,
+    method: Cow<'static, str>,
     path: String,
     ids: Option<SpanIds>,
     /// Why this request has no trace context, when it has none (`hoptrace.trace_origin`).
@@ -817,43 +922,13 @@ impl Assembler {
         } else {
             &mut socket.incoming
         };
-        let heads = if carries_requests {
-            stream.feed(
-                data,
-                u64::from(event.len),
-                stamp,
-                http::looks_like_request,
-                request_head_info,
-                stats,
-            )
-        } else {
-            let (in_flight, mut answered) = (&socket.in_flight, 0);
-            let info = |buf: &[u8]| response_head_info(buf, in_flight, &mut answered);
-            stream.feed(
-                data,
-                u64::from(event.len),
-                stamp,
-                http::looks_like_response,
-                info,
-                stats,
-            )
-        };
-        for piece in heads {
-            let head = match piece {
-                Piece::BodyEnd(end) => {
-                    if !carries_requests && let Some(answer) = socket.answering.take() {
-                        finish(answer, Some(end), side, &socket.endpoint, &env, stats, out);
-                    }
-                    continue;
-                }
-                Piece::Head(head) => head,
-            };
-            if carries_requests {
+        let len = u64::from(event.len);
+        if carries_requests {
+            for piece in stream.feed(data, len, stamp, &mut Requests, stats) {
+                let Piece::Head(head) = piece else { continue };
                 let first = socket.requests_seen == 0;
                 socket.requests_seen += 1;
-                let Some(pending) =
-                    parse_request(&head, first, config.untraced, config.sampler, stats)
-                else {
+                let Some(pending) = pending_request(head, first, config, stats) else {
                     continue;
                 };
                 if socket.in_flight.len() >= MAX_IN_FLIGHT {
@@ -861,14 +936,29 @@ impl Assembler {
                     continue;
                 }
                 socket.in_flight.push_back(pending);
-            } else {
-                let Ok(response) = http::parse_response_head(&head.bytes) else {
+            }
+        } else {
+            let mut responses = Responses {
+                in_flight: &socket.in_flight,
+                answered: 0,
+            };
+            for piece in stream.feed(data, len, stamp, &mut responses, stats) {
+                let head = match piece {
+                    Piece::BodyEnd(end) => {
+                        if let Some(answer) = socket.answering.take() {
+                            finish(answer, Some(end), side, &socket.endpoint, &env, stats, out);
+                        }
+                        continue;
+                    }
+                    Piece::Head(head) => head,
+                };
+                let Some(status) = head.fields else {
                     // It still answers the oldest request: keep the later ones in step.
                     stats.heads_malformed += 1;
                     socket.in_flight.pop_front();
                     continue;
                 };
-                if response.status < 200 {
+                if status < 200 {
                     continue; // interim (100 Continue): the final response follows
                 }
                 // A body whose end was never seen (its framing lost): that answer ends at its
@@ -880,7 +970,7 @@ impl Assembler {
                     stats.responses_unmatched += 1;
                     continue;
                 };
-                let answer = Answer::new(request, head.stamp, response.status, socket);
+                let answer = Answer::new(request, head.stamp, status, socket);
                 match head.body {
                     Body::None => finish(
                         answer,
@@ -1012,35 +1102,31 @@ fn tracked<'a>(
     Some(socket)
 }
 
-fn parse_request(
-    head: &Head,
+/// A request head's pending state; `None` when it did not parse (counted).
+fn pending_request(
+    head: Head<Option<RequestFields>>,
     first_on_connection: bool,
-    untraced: Untraced,
-    sampler: Sampler,
+    config: &Config,
     stats: &mut Stats,
 ) -> Option<Pending> {
-    let request = match http::parse_request_head(&head.bytes) {
-        Ok(request) => request,
-        Err(_) => {
-            stats.heads_malformed += 1;
-            return None;
-        }
+    let Some(request) = head.fields else {
+        stats.heads_malformed += 1;
+        return None;
     };
     if head.truncated {
         stats.heads_truncated += 1;
     }
-    let traceparents: Vec<&[u8]> = request.headers.get_all(b"traceparent").collect();
-    let trace_context = TraceContext {
-        traceparents: &traceparents,
-        tracestate: request.headers.get(b"tracestate"),
-        truncated: head.truncated,
-    };
-    let (ids, origin) = request_ids(trace_context, untraced, sampler, stats);
-    let path = String::from_utf8_lossy(request.path());
+    let (ids, origin) = request_ids(
+        request.context,
+        head.truncated,
+        config.untraced,
+        config.sampler,
+        stats,
+    );
     Some(Pending {
         stamp: head.stamp,
-        method: String::from_utf8_lossy(request.method).into_owned(),
-        path: path.chars().take(MAX_PATH).collect(),
+        method: request.method,
+        path: request.path,
         ids,
         trace_origin: origin,
         first_on_connection,
@@ -1049,42 +1135,50 @@ fn parse_request(
     })
 }
 
-/// A request's trace context fields, as its head carried them.
-struct TraceContext<'a> {
-    traceparents: &'a [&'a [u8]],
-    tracestate: Option<&'a [u8]>,
-    /// The head was not all captured: an absent traceparent may be in the bytes not seen.
-    truncated: bool,
+/// A request's trace context, as its head carried it.
+struct TraceContext {
+    /// The traceparent, or why there is no usable one (`absent`, `duplicate`, or
+    /// `TraceParentError::as_str`).
+    parent: Result<trace_context::TraceParent, &'static str>,
+    /// The tracestate, when valid.
+    state: Option<String>,
+}
+
+impl TraceContext {
+    /// From the first `traceparent` value and how many there are, and the first `tracestate`.
+    fn read(traceparent: Option<&[u8]>, traceparents: usize, tracestate: Option<&[u8]>) -> Self {
+        let parent = match (traceparent, traceparents) {
+            (None, _) => Err("absent"),
+            (Some(one), 1) => trace_context::parse_traceparent(one).map_err(|e| e.as_str()),
+            // Two traceparent headers: which one is right is unknowable (W3C §3.2).
+            _ => Err("duplicate"),
+        };
+        let state = tracestate
+            .filter(|v| trace_context::validate_tracestate(v).is_ok())
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::to_string);
+        Self { parent, state }
+    }
 }
 
 /// Counts a request and gives its span's ids (`None` when not sampled, or untraced and ignored:
 /// the request still answers its response) and trace origin.
 fn request_ids(
-    context: TraceContext<'_>,
+    context: TraceContext,
+    truncated: bool,
     untraced: Untraced,
     sampler: Sampler,
     stats: &mut Stats,
 ) -> (Option<SpanIds>, &'static str) {
     stats.requests += 1;
-    let parsed = match context.traceparents {
-        [] => Err("absent"),
-        [one] => trace_context::parse_traceparent(one).map_err(|e| e.as_str()),
-        // Two traceparent headers: which one is right is unknowable (W3C §3.2).
-        _ => Err("duplicate"),
-    };
-    let trace_state = context
-        .tracestate
-        .filter(|v| trace_context::validate_tracestate(v).is_ok())
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .map(str::to_string);
-    let (ids, origin, keep) = match parsed {
+    let (ids, origin, keep) = match context.parent {
         Ok(parent) => {
             let keep = sampler.keep(&parent.trace_id, Some(parent.sampled()));
             (
                 Some(SpanIds::child(
                     parent.trace_id,
                     parent.parent_id,
-                    trace_state,
+                    context.state,
                 )),
                 "traceparent",
                 keep,
@@ -1095,7 +1189,7 @@ fn request_ids(
                 *stats.traceparent_invalid.entry(reason).or_default() += 1;
             }
             // Truncated before any traceparent showed: it may be in the bytes not captured.
-            let origin = if reason == "absent" && context.truncated {
+            let origin = if reason == "absent" && truncated {
                 "hoptrace (head truncated before any traceparent)"
             } else if reason == "absent" {
                 "hoptrace"
@@ -1148,7 +1242,7 @@ fn build_spans(
     env: &SpanEnv<'_>,
 ) -> Option<Vec<HopSpan>> {
     let Answer {
-        request,
+        mut request,
         head: response,
         status,
         held_handshake,
@@ -1167,8 +1261,8 @@ fn build_spans(
     let layers = env.layers;
     let ids = request.ids?;
     let mut attributes: Vec<(&'static str, Value)> = vec![
-        ("http.request.method", request.method.clone().into()),
-        ("url.path", request.path.clone().into()),
+        ("http.request.method", Value::Str(request.method.clone())),
+        ("url.path", std::mem::take(&mut request.path).into()),
         ("network.protocol.name", "http".into()),
         ("network.protocol.version", request.protocol_version.into()),
         ("hoptrace.layers", layers.into()),
@@ -1245,7 +1339,7 @@ fn build_spans(
             }
             let hop = HopSpan {
                 ids: ids.clone(),
-                name: request.method.clone().into(),
+                name: request.method.clone(),
                 role: Role::Client,
                 start_ns: start,
                 end_ns: last.exit_ns.max(start),
@@ -1323,7 +1417,7 @@ fn build_spans(
             }
             HopSpan {
                 ids,
-                name: request.method.into(),
+                name: request.method,
                 role: Role::Server,
                 start_ns: start,
                 end_ns: end,

@@ -15,8 +15,8 @@ use std::collections::BTreeMap;
 use tracer_common::http2 as frames;
 
 use super::{
-    Answer, Config, MAX_PATH, Pending, STATUS_UNKNOWN, Side, Socket, SpanEnv, Stamp, Stats,
-    TraceContext, finish, request_ids, tls_attributes,
+    Answer, Config, Pending, STATUS_UNKNOWN, Side, Socket, SpanEnv, Stamp, Stats, TraceContext,
+    cut_path, finish, request_ids, tls_attributes,
 };
 use crate::{
     http2::{Direction, Event, Fields},
@@ -360,22 +360,16 @@ fn request(
     let method = fields.method?;
     let first_on_connection = socket.requests_seen == 0;
     socket.requests_seen += 1;
-    let traceparents: Vec<&[u8]> = fields.traceparents.iter().map(Vec::as_slice).collect();
-    let context = TraceContext {
-        traceparents: &traceparents,
-        tracestate: fields.tracestate.as_deref(),
-        truncated: false,
-    };
-    let (ids, trace_origin) = request_ids(context, config.untraced, config.sampler, stats);
+    let context = TraceContext::read(
+        fields.traceparents.first().map(Vec::as_slice),
+        fields.traceparents.len(),
+        fields.tracestate.as_deref(),
+    );
+    let (ids, trace_origin) = request_ids(context, false, config.untraced, config.sampler, stats);
     Some(Pending {
         stamp: first,
-        method,
-        path: fields
-            .path
-            .unwrap_or_default()
-            .chars()
-            .take(MAX_PATH)
-            .collect(),
+        method: method.into(),
+        path: cut_path(fields.path.unwrap_or_default().into()),
         ids,
         trace_origin,
         first_on_connection,
