@@ -77,24 +77,24 @@ struct Pipeline<'a> {
 }
 
 impl Pipeline<'_> {
+    /// Annotates and joins the spans made since the last call, then queues them with their
+    /// firewall spans, all in one message.
     fn emit(&mut self, clock: &Clock) {
-        for mut span in self.spans.drain(..) {
-            self.containers.annotate(&mut span);
+        for span in &mut self.spans {
+            self.containers.annotate(span);
             let before = self.joined.len();
             self.correlator.observe(
-                &span,
+                &*span,
                 &correlate::ClockInfo::this_host(),
                 span.end_ns,
                 &mut self.joined,
             );
             if let Some(hops) = &mut self.hops {
-                hops.record(&span, &self.joined[before..]);
+                hops.record(span, &self.joined[before..]);
             }
-            self.sink.send(span, clock);
         }
-        for span in self.joined.drain(..) {
-            self.sink.send(span, clock);
-        }
+        let spans = self.spans.drain(..).chain(self.joined.drain(..));
+        self.sink.send_all(spans, clock);
     }
 }
 

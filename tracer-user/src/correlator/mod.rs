@@ -152,7 +152,5 @@ fn process(
             sink.forward(resource_spans);
         }
     }
-    for span in joined {
-        sink.send(span, &Clock::unix());
-    }
+    sink.send_all(joined, &Clock::unix());
 }

@@ -15,7 +15,7 @@ mod terminal;
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -55,18 +55,29 @@ impl ExportStats {
     }
 }
 
-/// What the queue carries.
-enum Item {
-    /// One of hoptrace's spans, whose kernel times the clock turns into Unix time.
-    Hop(HopSpan, Clock),
+/// What the queue carries. A message of hoptrace's spans holds all that one read of the ring
+/// buffer made: the export task wakes once for them, not once per span (those wake-ups, each
+/// a thread switch, were a large part of the agent's CPU).
+enum Message {
+    /// hoptrace's spans, whose kernel times the clock turns into Unix time.
+    Hop(Vec<HopSpan>, Clock),
     /// Spans received over OTLP, passed on as they came under their sender's resource.
     Forwarded(ResourceSpans),
 }
 
-impl Item {
+impl Message {
+    /// Queue slots taken: one per hoptrace span, one per forwarded `ResourceSpans` (as when
+    /// each went through the queue on its own).
+    fn slots(&self) -> usize {
+        match self {
+            Self::Hop(spans, _) => spans.len(),
+            Self::Forwarded(_) => 1,
+        }
+    }
+
     fn spans(&self) -> u64 {
         match self {
-            Self::Hop(..) => 1,
+            Self::Hop(spans, _) => spans.len() as u64,
             Self::Forwarded(resource_spans) => span_count(resource_spans),
         }
     }
@@ -83,41 +94,92 @@ fn span_count(resource_spans: &ResourceSpans) -> u64 {
 /// The agent's handle: enqueues spans without ever waiting.
 #[derive(Clone)]
 pub struct SpanSink {
-    sender: Option<mpsc::Sender<Item>>,
+    sender: Option<mpsc::UnboundedSender<Message>>,
+    /// Bounds the queue: slots taken by messages not yet received by the export task.
+    queue: Arc<QueueSlots>,
     stats: Arc<ExportStats>,
 }
 
+/// The queue's bound, counted in slots ([`Message::slots`]): the channel itself is unbounded,
+/// as its messages vary in size.
+struct QueueSlots {
+    taken: AtomicUsize,
+    capacity: usize,
+}
+
+impl QueueSlots {
+    /// Takes up to `wanted` slots; returns how many were free.
+    fn take(&self, wanted: usize) -> usize {
+        let free = |taken: usize| wanted.min(self.capacity.saturating_sub(taken));
+        let before = self
+            .taken
+            .update(Ordering::Relaxed, Ordering::Relaxed, |taken| {
+                taken + free(taken)
+            });
+        free(before)
+    }
+
+    fn release(&self, slots: usize) {
+        self.taken.fetch_sub(slots, Ordering::Relaxed);
+    }
+}
+
 impl SpanSink {
-    /// Queues `span`, whose kernel times `clock` turns into Unix time.
-    pub fn send(&self, span: HopSpan, clock: &Clock) {
-        self.enqueue(Item::Hop(span, *clock));
+    /// Queues `spans`, whose kernel times `clock` turns into Unix time, as one message. When
+    /// the queue has no room for all, the first ones go and the rest are dropped (counted).
+    pub fn send_all(&self, spans: impl IntoIterator<Item = HopSpan>, clock: &Clock) {
+        let Some(sender) = &self.sender else { return };
+        let mut spans: Vec<HopSpan> = spans.into_iter().collect();
+        if spans.is_empty() {
+            return;
+        }
+        let granted = self.queue.take(spans.len());
+        self.count_dropped((spans.len() - granted) as u64);
+        spans.truncate(granted);
+        if granted > 0 {
+            self.enqueue(sender, Message::Hop(spans, *clock));
+        }
     }
 
     /// Queues spans received over OTLP, to be exported unchanged under their own resource.
     pub fn forward(&self, resource_spans: ResourceSpans) {
-        self.enqueue(Item::Forwarded(resource_spans));
+        let Some(sender) = &self.sender else { return };
+        let message = Message::Forwarded(resource_spans);
+        if self.queue.take(message.slots()) == 0 {
+            self.count_dropped(message.spans());
+            return;
+        }
+        self.enqueue(sender, message);
     }
 
-    fn enqueue(&self, item: Item) {
-        let Some(sender) = &self.sender else { return };
-        let spans = item.spans();
-        match sender.try_send(item) {
+    /// Sends a message whose slots are taken.
+    fn enqueue(&self, sender: &mpsc::UnboundedSender<Message>, message: Message) {
+        let (slots, spans) = (message.slots(), message.spans());
+        match sender.send(message) {
             Ok(()) => {
                 self.stats.queued.fetch_add(spans, Ordering::Relaxed);
             }
             Err(_) => {
-                if self
-                    .stats
-                    .dropped_queue_full
-                    .fetch_add(spans, Ordering::Relaxed)
-                    == 0
-                {
-                    log::warn!(
-                        "export queue full: dropping spans (counted; raise OTEL_BSP_MAX_QUEUE_SIZE \
-                         or check the collector)"
-                    );
-                }
+                self.queue.release(slots);
+                self.count_dropped(spans);
             }
+        }
+    }
+
+    fn count_dropped(&self, spans: u64) {
+        if spans == 0 {
+            return;
+        }
+        if self
+            .stats
+            .dropped_queue_full
+            .fetch_add(spans, Ordering::Relaxed)
+            == 0
+        {
+            log::warn!(
+                "export queue full: dropping spans (counted; raise OTEL_BSP_MAX_QUEUE_SIZE \
+                 or check the collector)"
+            );
         }
     }
 
@@ -144,6 +206,10 @@ pub struct Pipeline {
 /// `resource` (normally `config.resource()`, plus what the caller knows about itself).
 pub fn start(config: &ExportConfig, resource: Resource) -> anyhow::Result<(SpanSink, Pipeline)> {
     let stats = Arc::new(ExportStats::default());
+    let queue = Arc::new(QueueSlots {
+        taken: AtomicUsize::new(0),
+        capacity: config.max_queue_size,
+    });
     let exporter = match &config.target {
         Target::Disabled(why) => {
             log::warn!("span export disabled: {why}");
@@ -154,6 +220,7 @@ pub fn start(config: &ExportConfig, resource: Resource) -> anyhow::Result<(SpanS
             return Ok((
                 SpanSink {
                     sender: None,
+                    queue,
                     stats,
                 },
                 pipeline,
@@ -177,9 +244,10 @@ pub fn start(config: &ExportConfig, resource: Resource) -> anyhow::Result<(SpanS
             Exporter::Otlp(Box::new(client))
         }
     };
-    let (sender, receiver) = mpsc::channel(config.max_queue_size);
+    let (sender, receiver) = mpsc::unbounded_channel();
     let task = tokio::spawn(batch_loop(
         receiver,
+        queue.clone(),
         otlp::BatchEncoder::new(&resource),
         exporter,
         config.clone(),
@@ -192,6 +260,7 @@ pub fn start(config: &ExportConfig, resource: Resource) -> anyhow::Result<(SpanS
     Ok((
         SpanSink {
             sender: Some(sender),
+            queue,
             stats,
         },
         pipeline,
@@ -218,71 +287,101 @@ impl Pipeline {
 }
 
 async fn batch_loop(
-    mut receiver: mpsc::Receiver<Item>,
+    mut receiver: mpsc::UnboundedReceiver<Message>,
+    queue: Arc<QueueSlots>,
     mut batch: otlp::BatchEncoder,
-    mut exporter: Exporter,
+    exporter: Exporter,
     config: ExportConfig,
     stats: Arc<ExportStats>,
 ) {
     let mut tick = tokio::time::interval(config.schedule_delay);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let mut sending = JoinSet::new();
-    let failures = Arc::new(Failures::default());
+    let mut out = Outlet {
+        exporter,
+        in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        sending: JoinSet::new(),
+        failures: Arc::new(Failures::default()),
+        stats,
+    };
     loop {
-        let closed = tokio::select! {
-            item = receiver.recv() => match item {
-                Some(item) => {
-                    match item {
-                        Item::Hop(span, clock) => batch.push(&span, &clock),
-                        Item::Forwarded(resource_spans) => batch.push_forwarded(&resource_spans),
-                    }
-                    if batch.len() < config.max_export_batch_size {
-                        continue;
-                    }
-                    false
-                }
-                None => true,
-            },
-            _ = tick.tick() => false,
-        };
-        // Reap finished sends so the set stays small.
-        while sending.try_join_next().is_some() {}
-        let count = batch.len() as u64;
-        if count > 0 {
-            let request = batch.take_request();
-            match &mut exporter {
-                Exporter::Terminal(printer) => {
-                    printer.print(&request);
-                    stats.exported.fetch_add(count, Ordering::Relaxed);
-                }
-                Exporter::Otlp(client) => {
-                    let request = bytes::Bytes::from(request);
-                    // Waits when MAX_IN_FLIGHT batches are out: the queue then fills and drops
-                    // (counted) instead of memory growing without bound.
-                    let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                        return;
-                    };
-                    let (mut client, stats, failures) =
-                        (client.clone(), stats.clone(), failures.clone());
-                    sending.spawn(async move {
-                        // Once per outage, not per attempt of every batch in flight.
-                        let on_retry = |why: &str| {
-                            if !failures.retrying.swap(true, Ordering::Relaxed) {
-                                log::warn!("export failed, retrying for up to 30 s: {why}");
+        tokio::select! {
+            message = receiver.recv() => match message {
+                Some(message) => {
+                    queue.release(message.slots());
+                    match message {
+                        Message::Hop(spans, clock) => {
+                            for span in &spans {
+                                batch.push(span, &clock);
+                                if batch.len() >= config.max_export_batch_size {
+                                    out.send(&mut batch).await;
+                                }
                             }
-                        };
-                        let outcome = client.export(request, on_retry).await;
-                        drop(permit);
-                        record_outcome(outcome, count, &stats, &failures);
-                    });
+                        }
+                        Message::Forwarded(resource_spans) => {
+                            batch.push_forwarded(&resource_spans);
+                            if batch.len() >= config.max_export_batch_size {
+                                out.send(&mut batch).await;
+                            }
+                        }
+                    }
                 }
-            }
+                None => {
+                    // Shutdown: the sends in flight finish (the caller bounds the wait).
+                    out.send(&mut batch).await;
+                    while out.sending.join_next().await.is_some() {}
+                    return;
+                }
+            },
+            _ = tick.tick() => out.send(&mut batch).await,
         }
-        if closed {
-            // Shutdown: the sends in flight finish (the caller bounds the wait).
-            while sending.join_next().await.is_some() {}
+    }
+}
+
+/// Where full batches leave: the exporter, with up to [`MAX_IN_FLIGHT`] sends at once.
+struct Outlet {
+    exporter: Exporter,
+    in_flight: Arc<Semaphore>,
+    sending: JoinSet<()>,
+    failures: Arc<Failures>,
+    stats: Arc<ExportStats>,
+}
+
+impl Outlet {
+    /// Sends the batch so far, if it has spans; the encoder is empty afterwards.
+    async fn send(&mut self, batch: &mut otlp::BatchEncoder) {
+        // Reap finished sends so the set stays small.
+        while self.sending.try_join_next().is_some() {}
+        let count = batch.len() as u64;
+        if count == 0 {
             return;
+        }
+        let request = batch.take_request();
+        match &mut self.exporter {
+            Exporter::Terminal(printer) => {
+                printer.print(&request);
+                self.stats.exported.fetch_add(count, Ordering::Relaxed);
+            }
+            Exporter::Otlp(client) => {
+                let request = bytes::Bytes::from(request);
+                // Waits when MAX_IN_FLIGHT batches are out: the queue then fills and drops
+                // (counted) instead of memory growing without bound.
+                let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+                    return;
+                };
+                let (mut client, stats, failures) =
+                    (client.clone(), self.stats.clone(), self.failures.clone());
+                self.sending.spawn(async move {
+                    // Once per outage, not per attempt of every batch in flight.
+                    let on_retry = |why: &str| {
+                        if !failures.retrying.swap(true, Ordering::Relaxed) {
+                            log::warn!("export failed, retrying for up to 30 s: {why}");
+                        }
+                    };
+                    let outcome = client.export(request, on_retry).await;
+                    drop(permit);
+                    record_outcome(outcome, count, &stats, &failures);
+                });
+            }
         }
     }
 }
@@ -321,5 +420,59 @@ fn record_outcome(
                 log::warn!("export failed ({failed} spans lost so far): {why}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::span::{Role, SpanIds};
+
+    fn span() -> HopSpan {
+        HopSpan {
+            ids: SpanIds::new_root(),
+            name: "GET".into(),
+            role: Role::Client,
+            start_ns: 1,
+            end_ns: 2,
+            error: None,
+            attributes: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_full_queue_takes_the_first_spans_and_counts_the_rest_dropped() {
+        let (sender, mut receiver) = mpsc::unbounded_channel();
+        let sink = SpanSink {
+            sender: Some(sender),
+            queue: Arc::new(QueueSlots {
+                taken: AtomicUsize::new(0),
+                capacity: 3,
+            }),
+            stats: Arc::default(),
+        };
+        let clock = Clock::unix();
+        sink.send_all(vec![span(), span()], &clock);
+        sink.send_all(vec![span(), span()], &clock);
+        let lengths = |message: Message| match message {
+            Message::Hop(spans, _) => spans.len(),
+            Message::Forwarded(_) => 0,
+        };
+        let first = receiver.try_recv().unwrap();
+        assert_eq!(lengths(receiver.try_recv().unwrap()), 1);
+        assert!(receiver.try_recv().is_err());
+        let stats = sink.stats();
+        assert_eq!(stats.queued.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.dropped_queue_full.load(Ordering::Relaxed), 1);
+        // Received messages free their slots.
+        sink.queue.release(first.slots());
+        assert_eq!(lengths(first), 2);
+        sink.send_all(vec![span(), span(), span()], &clock);
+        assert_eq!(lengths(receiver.try_recv().unwrap()), 2);
+        assert_eq!(stats.dropped_queue_full.load(Ordering::Relaxed), 2);
+        // A forwarded ResourceSpans takes one slot, whatever it holds; none are free now.
+        sink.forward(ResourceSpans::default());
+        assert!(receiver.try_recv().is_err());
     }
 }
