@@ -58,6 +58,17 @@ impl Agent {
         receiver: &crate::receiver::OtlpReceiver,
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::watching_lab_through(&[], lab, receiver, env)
+    }
+
+    /// [`Agent::watching_lab_with`], started through `wrapper`: a command that execs the rest
+    /// of its arguments (such as `setpriv`, restricting the agent's capabilities).
+    pub fn watching_lab_through(
+        wrapper: &[&str],
+        lab: &xtask::lab::Lab,
+        receiver: &crate::receiver::OtlpReceiver,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         use xtask::lab::Host;
         let endpoint = receiver.grpc_endpoint();
         let mut all = vec![
@@ -65,7 +76,10 @@ impl Agent {
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
         ];
         all.extend_from_slice(env);
-        Self::start(
+        Self::start_command(
+            wrapper,
+            "agent",
+            READY,
             &[
                 "--netns",
                 lab.netns(Host::Agent).name(),
@@ -78,22 +92,32 @@ impl Agent {
 
     /// Starts `hoptrace agent ARGS` with extra environment and waits for it to be attached.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
-        Self::start_command("agent", READY, args, env)
+        Self::start_command(&[], "agent", READY, args, env)
     }
 
     /// Starts `hoptrace correlate ARGS` and waits until it listens.
     pub fn start_correlator(args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
-        Self::start_command("correlate", "hoptrace correlate ready", args, env)
+        Self::start_command(&[], "correlate", "hoptrace correlate ready", args, env)
     }
 
-    /// Starts `hoptrace SUBCOMMAND ARGS` and waits for the line `ready` on its stderr.
+    /// Starts `[WRAPPER...] hoptrace SUBCOMMAND ARGS` and waits for the line `ready` on its
+    /// stderr. A wrapper must exec hoptrace, so that the child's pid is the agent's.
     fn start_command(
+        wrapper: &[&str],
         subcommand: &str,
         ready: &'static str,
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
-        let mut command = Command::new(hoptrace_bin()?);
+        let bin = hoptrace_bin()?;
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut command = Command::new(program);
+                command.args(wrapper_args).arg(bin);
+                command
+            }
+            None => Command::new(bin),
+        };
         command
             .arg(subcommand)
             .args(args)

@@ -49,18 +49,13 @@ struct Finding {
 
 pub fn run() -> anyhow::Result<bool> {
     let mut findings = Vec::new();
-    let root = unsafe { libc::geteuid() } == 0;
     findings.push(Finding {
         what: "privileges",
         need: Need::Required,
         used_for: "loading eBPF programs",
-        outcome: if root {
-            Ok("root".into())
-        } else {
-            ebpf::require_privilege()
-                .map(|()| "capabilities".into())
-                .map_err(|e| e.to_string())
-        },
+        outcome: ebpf::require_privilege()
+            .map(|()| privileges())
+            .map_err(|e| format!("{}: {e}", privileges())),
     });
     let offsets = kernel_offsets::resolve();
     findings.push(Finding {
@@ -156,6 +151,37 @@ pub fn run() -> anyhow::Result<bool> {
         .all(|f| f.need == Need::Optional || f.outcome.is_ok()))
 }
 
+/// The capabilities of deploy/README.md's "Capabilities" table (linux/capability.h numbers).
+const CAPABILITIES: [(u32, &str); 6] = [
+    (39, "CAP_BPF"),
+    (38, "CAP_PERFMON"),
+    (12, "CAP_NET_ADMIN"),
+    (19, "CAP_SYS_PTRACE"),
+    (2, "CAP_DAC_READ_SEARCH"),
+    (21, "CAP_SYS_ADMIN"),
+];
+
+/// `uid 0, CAP_BPF CAP_PERFMON ...; without CAP_SYS_ADMIN`: which of the agent's capabilities
+/// this process has. In a container root has only those added, so uid 0 alone says little.
+fn privileges() -> String {
+    let effective = ebpf::effective_capabilities();
+    let (have, lack): (Vec<_>, Vec<_>) = CAPABILITIES
+        .iter()
+        .partition(|(number, _)| effective & (1 << number) != 0);
+    let names = |caps: &[&(u32, &str)]| {
+        let names: Vec<_> = caps.iter().map(|(_, name)| *name).collect();
+        names.join(" ")
+    };
+    let mut text = format!("uid {}", unsafe { libc::geteuid() });
+    if !have.is_empty() {
+        text += &format!(", {}", names(&have));
+    }
+    if !lack.is_empty() {
+        text += &format!("; without {}", names(&lack));
+    }
+    text
+}
+
 fn probe_hooks(object: &mut Ebpf, findings: &mut Vec<Finding>) {
     let btf = Btf::from_sys_fs().ok();
     let mut hook =
@@ -210,11 +236,13 @@ fn probe_hooks(object: &mut Ebpf, findings: &mut Vec<Finding>) {
             let p: &mut UProbe = program(o, "check_uprobe")?;
             p.load()?;
             let exe = std::env::current_exe()?;
-            let link = p.attach(
-                ["hoptrace_check_uprobe_target"],
-                &exe,
-                UProbeScope::CallingProcess,
-            )?;
+            let link = p
+                .attach(
+                    ["hoptrace_check_uprobe_target"],
+                    &exe,
+                    UProbeScope::CallingProcess,
+                )
+                .map_err(|e| ebpf::explain_uprobe_error(e.into()))?;
             hoptrace_check_uprobe_target(1);
             p.detach(link)?;
             Ok(())

@@ -263,9 +263,10 @@ pub fn load_agent(scope: &Scope, ring_buffer_bytes: u32) -> anyhow::Result<(Ebpf
                 log::debug!("NIC layer on {interfaces} interfaces");
                 attached.nic = true;
             }
-            Err(error) => {
-                log::warn!("NIC layer (tc) unavailable, continuing without it: {error:#}")
-            }
+            Err(error) => log::warn!(
+                "NIC layer (tc) unavailable, continuing without it: {:#}",
+                explain_tc_error(error, scope)
+            ),
         }
     }
     Ok((ebpf, attached))
@@ -398,20 +399,74 @@ fn explain_load_error(error: anyhow::Error) -> anyhow::Error {
     error
 }
 
-/// Fails with a clear message when not running with enough privilege to do anything useful.
+/// Capability numbers (linux/capability.h) of the privilege checks below.
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Fails with a clear message when not running with enough privilege to load the probes:
+/// CAP_BPF with CAP_PERFMON (Linux 5.8+), or CAP_SYS_ADMIN, which allows both on every kernel.
+/// The capabilities, not uid 0: root in a container has only those the container adds.
 pub fn require_privilege() -> anyhow::Result<()> {
-    if unsafe { libc::geteuid() } != 0 && !has_cap_bpf() {
+    let caps = effective_capabilities();
+    let has = |cap: u32| caps & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    if unsafe { libc::geteuid() } != 0 {
         bail!(
             "hoptrace needs root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN) to load eBPF \
              programs: run it with sudo"
         );
     }
-    Ok(())
+    let missing: Vec<_> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|&(cap, _)| !has(cap))
+        .map(|(_, name)| name)
+        .collect();
+    bail!(
+        "hoptrace runs as root without {}: a container must add CAP_BPF and CAP_PERFMON \
+         (deploy/README.md, \"Capabilities\")",
+        missing.join(" and ")
+    );
 }
 
-/// CAP_BPF (39) in the effective set, read from /proc so no capability crate is needed.
-fn has_cap_bpf() -> bool {
-    const CAP_BPF: u32 = 39;
+/// Says which capability tc lacked when the kernel refused it: CAP_NET_ADMIN for the programs
+/// and their attachment, CAP_SYS_ADMIN for setns() into the observed network namespaces (which
+/// deploy/kubernetes/components/netns-tc adds).
+fn explain_tc_error(error: anyhow::Error, scope: &Scope) -> anyhow::Error {
+    if !format!("{error:#}").contains("Operation not permitted") {
+        return error;
+    }
+    let caps = effective_capabilities();
+    if caps & (1 << CAP_NET_ADMIN) == 0 {
+        return error.context("tc needs CAP_NET_ADMIN");
+    }
+    if caps & (1 << CAP_SYS_ADMIN) == 0 && !scope.netns.is_empty() {
+        return error.context(
+            "tc inside other network namespaces needs CAP_SYS_ADMIN (setns); the host's own \
+             interfaces do not",
+        );
+    }
+    error
+}
+
+/// Says why a uprobe attach was refused when CAP_SYS_ADMIN is what is missing: the kernel's
+/// uprobe PMU asks for CAP_SYS_ADMIN, not CAP_PERFMON, since Linux 6.16 ("perf: Revert to
+/// requiring CAP_SYS_ADMIN for uprobes", also in stable kernels that took the fix).
+pub fn explain_uprobe_error(error: anyhow::Error) -> anyhow::Error {
+    if effective_capabilities() & (1 << CAP_SYS_ADMIN) == 0
+        && format!("{error:#}").contains("Permission denied")
+    {
+        return error.context("uprobes need CAP_SYS_ADMIN (Linux 6.16 on)");
+    }
+    error
+}
+
+/// The effective capability set (bit N: capability N), read from /proc so no capability crate
+/// is needed; empty when it cannot be read.
+pub fn effective_capabilities() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
@@ -422,5 +477,5 @@ fn has_cap_bpf() -> bool {
                 .to_string();
             u64::from_str_radix(&hex, 16).ok()
         })
-        .is_some_and(|caps| caps & (1 << CAP_BPF) != 0)
+        .unwrap_or(0)
 }

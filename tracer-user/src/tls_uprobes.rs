@@ -258,7 +258,11 @@ impl OpenSslProbes {
             Err(e) => {
                 self.stats.files_failed += 1;
                 self.skipped.insert(id);
-                log::warn!("attaching OpenSSL probes to {}: {e:#}", path.display());
+                log::warn!(
+                    "attaching OpenSSL probes to {}: {:#}",
+                    path.display(),
+                    crate::ebpf::explain_uprobe_error(e)
+                );
             }
         }
     }
