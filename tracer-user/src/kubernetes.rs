@@ -758,7 +758,7 @@ mod tests {
         span.attributes
             .into_iter()
             .map(|(k, v)| match v {
-                Value::Str(s) => (k, s.into_owned()),
+                Value::Str(s) => (k, s.to_string()),
                 other => panic!("{k}: {other:?}"),
             })
             .collect()

@@ -14,6 +14,7 @@ use std::{
     borrow::Cow,
     collections::{BTreeMap, HashMap, VecDeque},
     net::IpAddr,
+    sync::Arc,
 };
 
 use tracer_common::{
@@ -42,6 +43,8 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_IN_FLIGHT: usize = 64;
 /// Longest path exported (paths are cut, never exported whole if huge).
 const MAX_PATH: usize = 256;
+/// Room for all the attributes a request span gets, with its container's and pod's.
+const ATTRIBUTES_CAPACITY: usize = 32;
 /// [`Answer::status`] of a response whose status is unknown (HTTP/2 headers not decoded).
 const STATUS_UNKNOWN: u16 = 0;
 
@@ -162,13 +165,32 @@ impl Stamp {
 #[derive(Clone, Debug, Default)]
 struct Endpoint {
     tgid: u32,
-    comm: String,
+    /// Shared by the socket's spans, as are the addresses' texts.
+    comm: Arc<str>,
     netns: u32,
-    local: Option<(IpAddr, u16)>,
-    peer: Option<(IpAddr, u16)>,
+    local: Option<Address>,
+    peer: Option<Address>,
     /// The TLS library whose uprobes give this socket's plaintext; its ciphertext records are
     /// then not parsed for HTTP.
     plaintext_from: Option<&'static str>,
+}
+
+/// An end of a socket, its address formatted once for all the socket's spans.
+#[derive(Clone, Debug)]
+struct Address {
+    ip: IpAddr,
+    port: u16,
+    text: Arc<str>,
+}
+
+impl Address {
+    fn new(ip: IpAddr, port: u16) -> Self {
+        Self {
+            ip,
+            port,
+            text: ip.to_string().into(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1255,14 +1277,33 @@ fn build_spans(
         if !egress {
             return (stamp.nic_ns != 0).then_some(stamp.nic_ns);
         }
-        let (nic, local, peer) = (env.nic?, endpoint.local?, endpoint.peer?);
-        nic.egress(&crate::nic::key(local, peer, stamp.seq))
+        let (nic, local, peer) = (env.nic?, endpoint.local.as_ref()?, endpoint.peer.as_ref()?);
+        nic.egress(&crate::nic::key(
+            (local.ip, local.port),
+            (peer.ip, peer.port),
+            stamp.seq,
+        ))
     };
     let layers = env.layers;
     let ids = request.ids?;
-    let mut attributes: Vec<(&'static str, Value)> = vec![
-        ("http.request.method", Value::Str(request.method.clone())),
+    let hop = match side {
+        Side::Client => HOP_AGENT,
+        Side::Server => HOP_PERSONA,
+    };
+    // Sized for all a span may get: growing it was a copy and a reallocation per span.
+    let mut attributes: Vec<(&'static str, Value)> = Vec::with_capacity(ATTRIBUTES_CAPACITY);
+    attributes.extend([
+        ("hoptrace.hop", hop.into()),
+        (
+            "http.request.method",
+            Value::Str(request.method.clone().into()),
+        ),
         ("url.path", std::mem::take(&mut request.path).into()),
+    ]);
+    if status != STATUS_UNKNOWN {
+        attributes.push(("http.response.status_code", i64::from(status).into()));
+    }
+    attributes.extend([
         ("network.protocol.name", "http".into()),
         ("network.protocol.version", request.protocol_version.into()),
         ("hoptrace.layers", layers.into()),
@@ -1271,16 +1312,14 @@ fn build_spans(
             "hoptrace.connection.first_request",
             request.first_on_connection.into(),
         ),
-    ];
-    if status != STATUS_UNKNOWN {
-        attributes.insert(2, ("http.response.status_code", i64::from(status).into()));
-    } else {
+    ]);
+    if status == STATUS_UNKNOWN {
         attributes.push((
             "hoptrace.uncertain",
             "status: the response's headers were not decoded".into(),
         ));
     }
-    attributes.extend(endpoint_attributes(endpoint, side));
+    push_endpoint_attributes(&mut attributes, endpoint, side);
     if let Some(from) = endpoint.plaintext_from {
         attributes.push(("url.scheme", "https".into()));
         attributes.push(("hoptrace.tls.plaintext_from", from.into()));
@@ -1303,7 +1342,7 @@ fn build_spans(
         Side::Client => {
             let req = request.stamp;
             let mut start = req.handed_over();
-            let mut events = Vec::new();
+            let mut events = Vec::with_capacity(8);
             if req.library_ns != 0 {
                 events.push(("request.to_tls", req.library_ns));
             }
@@ -1344,7 +1383,7 @@ fn build_spans(
                 start_ns: start,
                 end_ns: last.exit_ns.max(start),
                 error,
-                attributes: with_hop(attributes, HOP_AGENT),
+                attributes,
                 events,
             };
             spans.extend(handshake_child.into_iter().flatten());
@@ -1369,7 +1408,6 @@ fn build_spans(
             };
             let left = nic_at(&response, true);
             let end = queued.max(left.unwrap_or(0)).max(start);
-            let mut attributes = with_hop(attributes, HOP_PERSONA);
             if !start_known {
                 attributes.push((
                     "hoptrace.uncertain",
@@ -1506,51 +1544,51 @@ fn tls_attributes(endpoint: &Endpoint, side: Option<Side>) -> Vec<(&'static str,
     } else {
         HOP_PERSONA
     };
-    with_hop(endpoint_attributes(endpoint, side), hop)
-}
-
-fn with_hop(
-    mut attributes: Vec<(&'static str, Value)>,
-    hop: &'static str,
-) -> Vec<(&'static str, Value)> {
-    attributes.insert(0, ("hoptrace.hop", hop.into()));
+    let mut attributes = vec![("hoptrace.hop", hop.into())];
+    push_endpoint_attributes(&mut attributes, endpoint, side);
     attributes
 }
 
-fn endpoint_attributes(endpoint: &Endpoint, side: Side) -> Vec<(&'static str, Value)> {
-    let mut attributes = vec![("hoptrace.netns", i64::from(endpoint.netns).into())];
-    if let Some((ip, port)) = endpoint.local {
-        attributes.push(("network.local.address", ip.to_string().into()));
-        attributes.push(("network.local.port", i64::from(port).into()));
+fn push_endpoint_attributes(
+    attributes: &mut Vec<(&'static str, Value)>,
+    endpoint: &Endpoint,
+    side: Side,
+) {
+    attributes.push(("hoptrace.netns", i64::from(endpoint.netns).into()));
+    let (local, peer) = (&endpoint.local, &endpoint.peer);
+    if let Some(local) = local {
+        attributes.push(("network.local.address", local.text.clone().into()));
+        attributes.push(("network.local.port", i64::from(local.port).into()));
     }
-    if let Some((ip, port)) = endpoint.peer {
-        attributes.push(("network.peer.address", ip.to_string().into()));
-        attributes.push(("network.peer.port", i64::from(port).into()));
+    if let Some(peer) = peer {
+        attributes.push(("network.peer.address", peer.text.clone().into()));
+        attributes.push(("network.peer.port", i64::from(peer.port).into()));
     }
-    let server = if side == Side::Client {
-        endpoint.peer
-    } else {
-        endpoint.local
-    };
-    if let Some((ip, port)) = server {
-        attributes.push(("server.address", ip.to_string().into()));
-        attributes.push(("server.port", i64::from(port).into()));
+    let server = if side == Side::Client { peer } else { local };
+    if let Some(server) = server {
+        attributes.push(("server.address", server.text.clone().into()));
+        attributes.push(("server.port", i64::from(server.port).into()));
     }
     if endpoint.tgid != 0 {
         attributes.push(("process.pid", i64::from(endpoint.tgid).into()));
         attributes.push(("process.executable.name", endpoint.comm.clone().into()));
     }
-    attributes
 }
 
 fn endpoint(event: &DataEvent) -> Endpoint {
     let family = u16::from(event.family);
     Endpoint {
         tgid: event.header.tgid,
-        comm: conn_spans::comm(&event.comm),
+        comm: conn_spans::comm(&event.comm).into(),
         netns: event.netns_ino,
-        local: Some((conn_spans::address(family, &event.saddr), event.sport)),
-        peer: Some((conn_spans::address(family, &event.daddr), event.dport)),
+        local: Some(Address::new(
+            conn_spans::address(family, &event.saddr),
+            event.sport,
+        )),
+        peer: Some(Address::new(
+            conn_spans::address(family, &event.daddr),
+            event.dport,
+        )),
         plaintext_from: None,
     }
 }

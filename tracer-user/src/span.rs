@@ -1,7 +1,7 @@
 //! The spans hoptrace builds, before they become OpenTelemetry: plain data on kernel time.
 //! Only the export module knows OpenTelemetry's types.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, fmt, ops::Deref, sync::Arc};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -15,19 +15,66 @@ pub enum Role {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
-    Str(Cow<'static, str>),
+    Str(Text),
     Int(i64),
     Bool(bool),
 }
 
+/// A string value: fixed text, text that many spans share (a socket's addresses and process
+/// name, formatted once per socket rather than once per span), or a span's own.
+#[derive(Clone, Debug)]
+pub enum Text {
+    Static(&'static str),
+    Shared(Arc<str>),
+    Owned(String),
+}
+
+impl Deref for Text {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        match self {
+            Self::Static(s) => s,
+            Self::Shared(s) => s,
+            Self::Owned(s) => s,
+        }
+    }
+}
+
+impl fmt::Display for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self)
+    }
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl From<Cow<'static, str>> for Text {
+    fn from(s: Cow<'static, str>) -> Self {
+        match s {
+            Cow::Borrowed(s) => Self::Static(s),
+            Cow::Owned(s) => Self::Owned(s),
+        }
+    }
+}
+
 impl From<&'static str> for Value {
     fn from(s: &'static str) -> Self {
-        Self::Str(Cow::Borrowed(s))
+        Self::Str(Text::Static(s))
     }
 }
 impl From<String> for Value {
     fn from(s: String) -> Self {
-        Self::Str(Cow::Owned(s))
+        Self::Str(Text::Owned(s))
+    }
+}
+impl From<Arc<str>> for Value {
+    fn from(s: Arc<str>) -> Self {
+        Self::Str(Text::Shared(s))
     }
 }
 impl From<i64> for Value {

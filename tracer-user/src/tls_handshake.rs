@@ -615,7 +615,7 @@ impl Handshake {
             let suite = self.chosen.cipher_suite;
             let name: Cow<'static, str> = tls::cipher_suite_name(suite)
                 .map_or_else(|| format!("0x{suite:04x}").into(), Cow::Borrowed);
-            attributes.push(("tls.cipher", Value::Str(name)));
+            attributes.push(("tls.cipher", Value::Str(name.into())));
         }
         if let Some(name) = &self.offered.server_name {
             attributes.push(("tls.client.server_name", name.clone().into()));
