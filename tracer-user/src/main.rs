@@ -100,30 +100,12 @@ enum Command {
     },
 }
 
-/// Which tokio runtime a command runs on.
-enum Runtime {
-    /// Everything on the main thread: the agent's stages hand spans to each other many times a
-    /// second, and on one thread that wakes no other thread (cross-thread wake-ups and the
-    /// thread switches after them were a large part of the agent's CPU).
-    CurrentThread,
-    /// Two worker threads: the correlator serves several senders at once.
-    TwoWorkers,
-}
-
-/// Runs a command's main task on a tokio runtime.
+/// Runs a command's main task on a two-thread tokio runtime.
 fn run_async(
-    runtime: Runtime,
     task: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<ExitCode> {
-    let mut builder = match runtime {
-        Runtime::CurrentThread => tokio::runtime::Builder::new_current_thread(),
-        Runtime::TwoWorkers => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(2);
-            builder
-        }
-    };
-    builder
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)
@@ -158,7 +140,7 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             match settings.agent_options() {
-                Ok(options) => run_async(Runtime::CurrentThread, agent::run(options)),
+                Ok(options) => run_async(agent::run(options)),
                 Err(error) => {
                     log::error!("configuration: {error:#}");
                     return ExitCode::from(2);
@@ -173,25 +155,22 @@ fn main() -> ExitCode {
             otlp_endpoint,
             otlp_protocol,
             shutdown_timeout,
-        } => run_async(
-            Runtime::TwoWorkers,
-            correlator::run(correlator::CorrelateOptions {
-                grpc_listen,
-                http_listen,
-                export: export::ExportFlags {
-                    endpoint: otlp_endpoint,
-                    protocol: otlp_protocol,
-                },
-                join: correlate::Config {
-                    window_ns: (join_window.clamp(0.001, 86_400.0) * 1e9) as u64,
-                    max_pending: join_max_pending.max(1),
-                    ..correlate::Config::default()
-                },
-                queue: 1024,
-                shutdown_timeout: Duration::from_secs_f64(shutdown_timeout.clamp(0.0, 600.0)),
-                report_interval: Duration::from_secs(10),
-            }),
-        ),
+        } => run_async(correlator::run(correlator::CorrelateOptions {
+            grpc_listen,
+            http_listen,
+            export: export::ExportFlags {
+                endpoint: otlp_endpoint,
+                protocol: otlp_protocol,
+            },
+            join: correlate::Config {
+                window_ns: (join_window.clamp(0.001, 86_400.0) * 1e9) as u64,
+                max_pending: join_max_pending.max(1),
+                ..correlate::Config::default()
+            },
+            queue: 1024,
+            shutdown_timeout: Duration::from_secs_f64(shutdown_timeout.clamp(0.0, 600.0)),
+            report_interval: Duration::from_secs(10),
+        })),
     };
     outcome.unwrap_or_else(|error| {
         log::error!("{error:#}");
