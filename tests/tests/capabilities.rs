@@ -1,8 +1,8 @@
-//! The agent's least-privilege capability set (deploy/README.md, "Capabilities"), on the real
-//! kernel: the set is read from the DaemonSet (and from it with `components/netns-tc`), applied
-//! with setpriv the way a container runtime applies `capabilities: {drop: [ALL], add: [...]}` to
-//! root, and then `hoptrace check` and the agent must do what the README's table says, with the
-//! whole set and with each capability taken away.
+//! The agent's capability sets (deploy/README.md, "Capabilities"), on the real kernel: the base's
+//! least-privilege set, read from the DaemonSet, and the set of `overlays/tracing-on` (the base
+//! with `components/sys-admin`), each applied with setpriv the way a container runtime applies
+//! `capabilities: {drop: [ALL], add: [...]}` to root; then `hoptrace check` and the agent must do
+//! what the README's table says, with the whole set and with each capability taken away.
 //!
 //! Capabilities the check cannot show (CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH guard other
 //! processes' /proc entries and files) are shown with the agent and an OpenSSL client of another
@@ -19,6 +19,7 @@ use std::{
 
 use hoptrace_tests::{
     agent::{Agent, hoptrace_bin},
+    personas::{start_caddy, start_go_server},
     receiver::OtlpReceiver,
     request_spans::wait_request_span,
 };
@@ -100,23 +101,17 @@ fn base() -> &'static [String] {
     })
 }
 
-/// The base with `components/netns-tc`, rendered.
-fn netns_tc() -> &'static [String] {
-    static NETNS_TC: OnceLock<Vec<String>> = OnceLock::new();
-    NETNS_TC.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("capabilities-netns-tc");
-        fs::create_dir_all(&dir).unwrap();
-        let kube = fs::canonicalize(kube()).unwrap();
-        fs::write(
-            dir.join("kustomization.yaml"),
-            format!(
-                "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
-                 resources: [{0}/base]\ncomponents: [{0}/components/netns-tc]\n",
-                kube.display()
-            ),
-        )
-        .unwrap();
-        agent_capabilities(&render(&[Path::new("build"), &dir, Path::new("--json")]))
+/// The set of `overlays/tracing-on`, the overlay a lab applies: the base with
+/// `components/sys-admin`.
+fn tracing_on() -> &'static [String] {
+    static TRACING_ON: OnceLock<Vec<String>> = OnceLock::new();
+    TRACING_ON.get_or_init(|| {
+        let overlay = kube().join("overlays/tracing-on");
+        agent_capabilities(&render(&[
+            Path::new("build"),
+            &overlay,
+            Path::new("--json"),
+        ]))
     })
 }
 
@@ -227,8 +222,8 @@ fn the_manifests_sets_are_the_documented_ones_and_setpriv_gives_exactly_them() {
         ],
         "deploy/README.md's table lists these"
     );
-    assert_eq!(netns_tc(), [base(), &["SYS_ADMIN".to_string()]].concat());
-    for set in [base(), netns_tc()] {
+    assert_eq!(tracing_on(), [base(), &["SYS_ADMIN".to_string()]].concat());
+    for set in [base(), tracing_on()] {
         let out = run_restricted(set, &["grep", "^Cap", "/proc/self/status"]);
         let status = String::from_utf8_lossy(&out.stdout);
         let field = |name: &str| {
@@ -273,8 +268,8 @@ fn check_passes_with_the_base_set_without_tc_and_uprobes() {
 }
 
 #[test]
-fn check_passes_with_the_netns_tc_set_with_every_hook() {
-    let check = Check::run(netns_tc());
+fn check_passes_with_the_tracing_on_set_with_every_hook() {
+    let check = Check::run(tracing_on());
     assert!(check.passed, "{}", check.text);
     for what in ["tracepoint", "tp_btf", "uprobe", "tc (tcx/clsact)"] {
         check.assert_row(what, "works", "attached and fired");
@@ -301,7 +296,7 @@ fn check_without_each_capability_fails_or_degrades_as_documented() {
     let check = Check::run(&without(base(), "NET_ADMIN"));
     assert!(check.passed, "{}", check.text);
     check.assert_row("tc (tcx/clsact)", "absent", "BPF_PROG_LOAD");
-    let check = Check::run(&without(netns_tc(), "NET_ADMIN"));
+    let check = Check::run(&without(tracing_on(), "NET_ADMIN"));
     assert!(check.passed, "{}", check.text);
     assert_eq!(check.result("tc (tcx/clsact)"), "absent", "{}", check.text);
     check.assert_row("uprobe", "works", "attached and fired");
@@ -314,14 +309,18 @@ fn traceparent() -> String {
     format!("traceparent: 00-{TRACE_ID}-{PARENT_ID}-01")
 }
 
-/// Starts the agent on a fresh lab with exactly `set`, sends one request with a traceparent,
-/// and returns the agent's `hoptrace.layers` on the persona's request span and its log.
+/// Starts the agent on a fresh lab with exactly `set` and two Go HTTPS servers in the persona
+/// (caddy and the lab's own: two executables for the Go uprobes), sends one request with a
+/// traceparent, stops the agent, and returns its `hoptrace.layers` on the persona's request
+/// span and its log, final summary included.
 fn trace_a_request_with(set: &[String]) -> (String, String) {
     let lab = Lab::start(LabConfig::default()).expect("lab");
+    let _caddy = start_caddy(&lab, 8443);
+    let _go_server = start_go_server(&lab, 8444);
     let receiver = OtlpReceiver::start().expect("receiver");
     let wrapper = restricted_to(set);
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-    let agent = Agent::watching_lab_through(&wrapper, &lab, &receiver, &[]).expect("agent");
+    let mut agent = Agent::watching_lab_through(&wrapper, &lab, &receiver, &[]).expect("agent");
     let url = lab.nginx_url("/");
     let out = lab
         .run(
@@ -339,13 +338,46 @@ fn trace_a_request_with(set: &[String]) -> (String, String) {
         .attr_str("hoptrace.layers")
         .expect("hoptrace.layers")
         .to_string();
+    agent.stop().expect("stopping the agent");
     (layers, agent.stderr())
 }
 
+/// The number after `label` in the OpenSSL part of the agent's final summary (which follows
+/// the Go part, with labels of the same names).
+fn openssl_count(log: &str, label: &str) -> u64 {
+    let section = "OpenSSL files probed";
+    let rest = &log[log
+        .find(section)
+        .unwrap_or_else(|| panic!("no {section:?} in {log}"))..];
+    let at = rest
+        .find(label)
+        .unwrap_or_else(|| panic!("no {label:?} after {section:?} in {log}"));
+    rest[at + label.len()..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count after {label:?} in {log}"))
+}
+
+const UPROBES_NEED_SYS_ADMIN: &str = "uprobes need CAP_SYS_ADMIN";
+
+/// Lines of `log` that contain every one of `parts`.
+fn lines_with(log: &str, parts: &[&str]) -> usize {
+    log.lines()
+        .filter(|l| parts.iter().all(|p| l.contains(p)))
+        .count()
+}
+
 #[test]
-fn the_agent_with_the_netns_tc_set_traces_requests_with_nic_times() {
-    let (layers, log) = trace_a_request_with(netns_tc());
+fn the_agent_with_the_tracing_on_set_traces_requests_with_nic_times_and_tls_plaintext() {
+    let (layers, log) = trace_a_request_with(tracing_on());
     assert_eq!(layers, "syscall,tcp,nic", "{log}");
+    assert!(!log.contains(UPROBES_NEED_SYS_ADMIN), "{log}");
+    assert!(openssl_count(&log, "OpenSSL files probed ") >= 1, "{log}");
+    assert!(
+        log.contains("Go crypto/tls: 2 programs probed, 0 skipped"),
+        "caddy and the lab's server: {log}"
+    );
 }
 
 #[test]
@@ -359,10 +391,19 @@ fn the_agent_with_the_base_set_traces_requests_and_says_tc_and_uprobes_are_unava
         ),
         "{log}"
     );
+    // Said once per run for each kind of uprobe, and counted: every file is refused alike.
+    let openssl = ["attaching OpenSSL probes to", UPROBES_NEED_SYS_ADMIN];
+    assert_eq!(lines_with(&log, &openssl), 1, "{log}");
     assert!(
-        log.lines()
-            .any(|l| l.contains("attaching OpenSSL probes to")
-                && l.contains("uprobes need CAP_SYS_ADMIN")),
+        openssl_count(&log, "refused without CAP_SYS_ADMIN ") >= 1,
+        "{log}"
+    );
+    let go = ["Go crypto/tls: attaching to", UPROBES_NEED_SYS_ADMIN];
+    assert_eq!(lines_with(&log, &go), 1, "two Go programs, one line: {log}");
+    assert!(
+        log.contains(
+            "Go crypto/tls: 0 programs probed, 0 skipped, 2 refused without CAP_SYS_ADMIN"
+        ),
         "{log}"
     );
 }
@@ -438,7 +479,8 @@ impl Drop for ForeignOpenSsl {
 }
 
 /// CAP_SYS_PTRACE (the process's /proc/PID/maps and /proc/PID/root: another uid) and
-/// CAP_DAC_READ_SEARCH (its library's directory) are both needed to probe such a library.
+/// CAP_DAC_READ_SEARCH (its library's directory) are both needed to probe such a library;
+/// without either the agent says which, once, and counts the processes.
 #[test]
 fn the_agent_probes_another_users_private_libssl_only_with_sys_ptrace_and_dac_read_search() {
     let lab = Lab::start(LabConfig::default()).expect("lab");
@@ -449,18 +491,35 @@ fn the_agent_probes_another_users_private_libssl_only_with_sys_ptrace_and_dac_re
         client.libssl,
         client.process.pid()
     );
-    // The agent scans every process in scope before it says it is ready.
+    // The agent scans every process in scope before it says it is ready; stopped, it logs
+    // its summary.
     let log_with = |set: &[String]| {
         let wrapper = restricted_to(set);
         let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-        Agent::watching_lab_through(&wrapper, &lab, &receiver, &[])
-            .expect("agent")
-            .stderr()
+        let mut agent = Agent::watching_lab_through(&wrapper, &lab, &receiver, &[]).expect("agent");
+        agent.stop().expect("stopping the agent");
+        agent.stderr()
     };
-    let log = log_with(netns_tc());
+    let log = log_with(tracing_on());
     assert!(log.contains(&probed), "{log}");
-    for cap in ["SYS_PTRACE", "DAC_READ_SEARCH"] {
-        let log = log_with(&without(netns_tc(), cap));
-        assert!(!log.contains(&client.libssl), "without {cap}:\n{log}");
-    }
+    assert_eq!(openssl_count(&log, "processes not readable "), 0, "{log}");
+
+    // Not the nobody process alone: nginx's workers are another user's too.
+    let log = log_with(&without(tracing_on(), "SYS_PTRACE"));
+    assert!(!log.contains(&probed), "{log}");
+    let unreadable = [
+        "not scanned for OpenSSL",
+        "Permission denied",
+        "needs CAP_SYS_PTRACE",
+    ];
+    assert_eq!(lines_with(&log, &unreadable), 1, "{log}");
+    assert!(openssl_count(&log, "processes not readable ") >= 1, "{log}");
+
+    // Only the nobody process: its library's directory is closed to others.
+    let log = log_with(&without(tracing_on(), "DAC_READ_SEARCH"));
+    assert!(!log.contains(&probed), "{log}");
+    let not_scanned = format!("pid {} not scanned for OpenSSL", client.process.pid());
+    let unreadable = [&not_scanned, &client.libssl, "needs CAP_DAC_READ_SEARCH"];
+    assert_eq!(lines_with(&log, &unreadable), 1, "{log}");
+    assert_eq!(openssl_count(&log, "processes not readable "), 1, "{log}");
 }

@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.28", "1.37"];
 const VALIDATOR_INSTALL: &str =
     "python3 -m pip install kubernetes-validate==1.37.0 (scripts/setup.sh does)";
-const OVERLAYS: [&str; 3] = ["privileged", "tracing-off", "tracing-on"];
+const OVERLAYS: [&str; 4] = ["least-privilege", "privileged", "tracing-off", "tracing-on"];
 /// The capabilities the agent and its check get, and no others (agent-daemonset.yaml says why).
 const AGENT_CAPABILITIES: [&str; 5] = [
     "BPF",
@@ -690,7 +690,7 @@ namespace: lab-tracing
 resources:
   - KUBE/base
 components:
-  - KUBE/components/netns-tc
+  - KUBE/components/sys-admin
   - KUBE/components/tracing-off
 images:
   - name: hoptrace
@@ -1510,13 +1510,33 @@ fn the_privileged_overlay_makes_both_agent_containers_privileged_and_nothing_els
     assert_eq!(&ds, base_ds);
 }
 
+/// The base's agent DaemonSet with CAP_SYS_ADMIN added to both containers, as
+/// components/sys-admin adds it.
+fn base_daemonset_with_sys_admin() -> Value {
+    let mut ds = find(base(), "DaemonSet", "hoptrace-agent").clone();
+    for list in ["initContainers", "containers"] {
+        let add =
+            &mut ds["spec"]["template"]["spec"][list][0]["securityContext"]["capabilities"]["add"];
+        add.as_array_mut()
+            .expect("capabilities.add")
+            .push(json!("SYS_ADMIN"));
+    }
+    ds
+}
+
+#[test]
+fn the_least_privilege_overlay_is_the_base() {
+    let least = only_daemonset_differs(&overlay("least-privilege"), &[]);
+    assert_eq!(&least, find(base(), "DaemonSet", "hoptrace-agent"));
+}
+
 #[test]
 fn tracing_off_schedules_no_agent_and_tracing_on_undoes_it() {
     let off = only_daemonset_differs(&overlay("tracing-off"), &[]);
     let on_objects = overlay("tracing-on");
     let on = only_daemonset_differs(&on_objects, &[]);
-    let base_ds = find(base(), "DaemonSet", "hoptrace-agent");
-    let base_selector = pod_spec(base_ds)["nodeSelector"]
+    let on_ds = base_daemonset_with_sys_admin();
+    let base_selector = pod_spec(&on_ds)["nodeSelector"]
         .as_object()
         .expect("base nodeSelector")
         .clone();
@@ -1545,16 +1565,16 @@ fn tracing_off_schedules_no_agent_and_tracing_on_undoes_it() {
     );
     let mut restored = off.clone();
     restored["spec"]["template"]["spec"]["nodeSelector"] = Value::Object(base_selector.clone());
-    assert_eq!(&restored, base_ds);
+    assert_eq!(restored, on_ds, "off is on with the selector");
 
-    // On: the base's scheduling, and exporting.
-    assert_eq!(&on, base_ds);
+    // On: the base's scheduling, CAP_SYS_ADMIN added (for uprobes), and exporting.
+    assert_eq!(on, on_ds);
     let effective = effective_agent_config(agent_config_file(&on_objects));
     assert_eq!(setting(&effective, "export", "disabled"), "false");
 }
 
 #[test]
-fn the_netns_tc_component_adds_cap_sys_admin_to_both_agent_containers_only() {
+fn the_sys_admin_component_adds_cap_sys_admin_to_both_agent_containers_only() {
     let objects = composed();
     let ds = find(objects, "DaemonSet", "hoptrace-agent");
     for (list, name) in [("initContainers", "check"), ("containers", "agent")] {

@@ -434,7 +434,7 @@ pub fn require_privilege() -> anyhow::Result<()> {
 
 /// Says which capability tc lacked when the kernel refused it: CAP_NET_ADMIN for the programs
 /// and their attachment, CAP_SYS_ADMIN for setns() into the observed network namespaces (which
-/// deploy/kubernetes/components/netns-tc adds).
+/// deploy/kubernetes/components/sys-admin adds).
 fn explain_tc_error(error: anyhow::Error, scope: &Scope) -> anyhow::Error {
     if !format!("{error:#}").contains("Operation not permitted") {
         return error;
@@ -452,16 +452,49 @@ fn explain_tc_error(error: anyhow::Error, scope: &Scope) -> anyhow::Error {
     error
 }
 
-/// Says why a uprobe attach was refused when CAP_SYS_ADMIN is what is missing: the kernel's
-/// uprobe PMU asks for CAP_SYS_ADMIN, not CAP_PERFMON, since Linux 6.16 ("perf: Revert to
-/// requiring CAP_SYS_ADMIN for uprobes", also in stable kernels that took the fix).
-pub fn explain_uprobe_error(error: anyhow::Error) -> anyhow::Error {
-    if effective_capabilities() & (1 << CAP_SYS_ADMIN) == 0
+/// Whether the kernel refused a uprobe attach for want of CAP_SYS_ADMIN: its uprobe PMU asks
+/// for CAP_SYS_ADMIN, not CAP_PERFMON, since Linux 6.16 ("perf: Revert to requiring
+/// CAP_SYS_ADMIN for uprobes", also in stable kernels that took the fix). Every later uprobe
+/// fails the same way, so callers say it once.
+pub fn uprobe_needs_sys_admin(error: &anyhow::Error) -> bool {
+    effective_capabilities() & (1 << CAP_SYS_ADMIN) == 0
         && format!("{error:#}").contains("Permission denied")
-    {
+}
+
+/// Says why a uprobe attach was refused when CAP_SYS_ADMIN is what is missing.
+pub fn explain_uprobe_error(error: anyhow::Error) -> anyhow::Error {
+    if uprobe_needs_sys_admin(&error) {
         return error.context("uprobes need CAP_SYS_ADMIN (Linux 6.16 on)");
     }
     error
+}
+
+/// A capability by number (linux/capability.h) and name.
+pub type Capability = (u32, &'static str);
+/// The ptrace access check on another user's or container's /proc/PID/maps, /root, /exe.
+pub const SYS_PTRACE: Capability = (19, "CAP_SYS_PTRACE");
+/// Reading and searching files whatever their mode (other containers' root filesystems).
+pub const DAC_READ_SEARCH: Capability = (2, "CAP_DAC_READ_SEARCH");
+
+/// Why the kernel refused the agent a look into another process (its /proc/PID entries, or a
+/// file through /proc/PID/root): the capabilities of `needed` that the agent lacks; or, having
+/// them all, a security module's policy.
+pub fn explain_access_denied(needed: &[Capability]) -> String {
+    let missing: Vec<_> = needed
+        .iter()
+        .filter(|&&cap| lacks(cap))
+        .map(|&(_, name)| name)
+        .collect();
+    if missing.is_empty() {
+        "refused despite the agent's capabilities: an LSM policy (AppArmor, SELinux)?".into()
+    } else {
+        format!("needs {}", missing.join(" and "))
+    }
+}
+
+/// Whether `cap` is missing from the effective set.
+pub fn lacks((cap, _): Capability) -> bool {
+    effective_capabilities() & (1 << cap) == 0
 }
 
 /// The effective capability set (bit N: capability N), read from /proc so no capability crate

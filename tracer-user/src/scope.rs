@@ -1,7 +1,7 @@
 //! What the agent observes: network namespaces, processes and ports. Resolved here, enforced in
 //! the kernel (see tracer-ebpf's scope module) so nothing out of scope reaches user space.
 
-use std::{os::unix::fs::MetadataExt as _, path::PathBuf};
+use std::{io::ErrorKind, os::unix::fs::MetadataExt as _, path::PathBuf};
 
 /// Where `ip netns add NAME` puts its namespace handles.
 const NETNS_RUN_DIR: &str = "/run/netns";
@@ -56,13 +56,20 @@ impl Scope {
     /// Whether process `pid` is observed: its pid listed (or no pid filter) and its network
     /// namespace listed (or no namespace filter). False for a process that is gone. For the
     /// user-space work that follows processes (uprobe attachment); the kernel filters events.
-    pub fn process_in_scope(&self, pid: u32) -> bool {
+    /// The error when the kernel refuses to show the process's namespace (the ptrace check on
+    /// another user's or container's process, without CAP_SYS_PTRACE): it cannot be told.
+    pub fn process_in_scope(&self, pid: u32) -> std::io::Result<bool> {
         if !self.pids.is_empty() && !self.pids.contains(&pid) {
-            return false;
+            return Ok(false);
         }
-        self.netns.is_empty()
-            || std::fs::metadata(format!("/proc/{pid}/ns/net"))
-                .is_ok_and(|meta| self.netns.iter().any(|n| u64::from(n.inode) == meta.ino()))
+        if self.netns.is_empty() {
+            return Ok(true);
+        }
+        match std::fs::metadata(format!("/proc/{pid}/ns/net")) {
+            Ok(meta) => Ok(self.netns.iter().any(|n| u64::from(n.inode) == meta.ino())),
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => Err(e),
+            Err(_) => Ok(false), // gone
+        }
     }
 
     pub fn describe(&self) -> String {
@@ -130,21 +137,22 @@ mod tests {
     fn a_process_is_in_scope_by_pid_and_by_its_network_namespace() {
         let me = std::process::id();
         let here = Scope::resolve(&["/proc/self/ns/net".into()], &[], &[]).unwrap();
-        assert!(here.process_in_scope(me));
-        assert!(Scope::default().process_in_scope(me));
+        assert!(here.process_in_scope(me).unwrap());
+        assert!(Scope::default().process_in_scope(me).unwrap());
         let other_pid = Scope {
             pids: vec![me + 1],
             ..here.clone()
         };
-        assert!(!other_pid.process_in_scope(me));
+        assert!(!other_pid.process_in_scope(me).unwrap());
         let mut elsewhere = here;
         elsewhere.netns[0].inode ^= 1;
-        assert!(!elsewhere.process_in_scope(me));
+        assert!(!elsewhere.process_in_scope(me).unwrap());
         // A process that is gone is in no namespace.
         assert!(
             !Scope::resolve(&["/proc/self/ns/net".into()], &[], &[])
                 .unwrap()
                 .process_in_scope(u32::MAX)
+                .unwrap()
         );
     }
 

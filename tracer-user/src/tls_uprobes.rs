@@ -11,11 +11,14 @@
 //! `/proc/PID/root` so that processes in other mount namespaces (containers) work.
 //!
 //! Nothing here may stop the agent: a file without the symbols, unreadable or gone is logged
-//! once and counted in [`Stats`].
+//! once and counted in [`Stats`]. What fails alike for every process and file, for want of a
+//! capability (uprobes without CAP_SYS_ADMIN, other users' processes without CAP_SYS_PTRACE or
+//! CAP_DAC_READ_SEARCH), is logged once per run and counted.
 
 use std::{
     collections::{HashMap, HashSet},
     fs::File,
+    io::ErrorKind,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
@@ -30,7 +33,11 @@ use aya::{
 };
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, read::ReadCache};
 
-use crate::{listeners, scope::Scope};
+use crate::{
+    ebpf::{self, Capability},
+    listeners,
+    scope::Scope,
+};
 
 /// Library function, entry program (none: only its return is probed), return program.
 type Probe = (&'static str, Option<&'static str>, &'static str);
@@ -92,19 +99,28 @@ pub struct Stats {
     /// Files probed for plaintext without SSL_do_handshake/SSL_get_error (or whose handshake
     /// probes failed): their handshake spans have no library view.
     pub files_without_handshake_symbols: u64,
+    /// Files whose probes the kernel refused for want of CAP_SYS_ADMIN (uprobes, Linux 6.16+).
+    pub files_refused_without_sys_admin: u64,
+    /// Processes the agent may not look into (their network namespace, so whether they are in
+    /// scope; their /proc/PID/maps; a file they map, through /proc/PID/root), for want of
+    /// CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH: their OpenSSL is not probed. Once per process.
+    pub processes_unreadable: u64,
 }
 
 impl Stats {
     pub fn summary(&self) -> String {
         format!(
             "OpenSSL files probed {}, without SSL symbols {}, failed {}, deleted or replaced {}, \
-             over capacity {}, without handshake symbols {}",
+             over capacity {}, without handshake symbols {}, refused without CAP_SYS_ADMIN {}, \
+             processes not readable {}",
             self.files_attached,
             self.files_without_symbols,
             self.files_failed,
             self.files_gone,
             self.files_over_capacity,
-            self.files_without_handshake_symbols
+            self.files_without_handshake_symbols,
+            self.files_refused_without_sys_admin,
+            self.processes_unreadable
         )
     }
 }
@@ -120,6 +136,11 @@ pub struct OpenSslProbes {
     skipped: HashSet<FileId>,
     /// Deleted mappings already counted, by (pid, inode): counted once, not every rescan.
     gone: HashSet<(u32, u64)>,
+    /// Processes counted as not readable: counted once, not every rescan (live ones only).
+    unreadable: HashSet<u32>,
+    /// Whether a refusal for want of CAP_SYS_ADMIN, and an unreadable process, were logged.
+    logged_sys_admin: bool,
+    logged_unreadable: bool,
     pub stats: Stats,
     /// The handshake programs loaded (else only the plaintext probes attach).
     handshake: bool,
@@ -143,6 +164,9 @@ impl OpenSslProbes {
             attached: HashMap::new(),
             skipped: HashSet::new(),
             gone: HashSet::new(),
+            unreadable: HashSet::new(),
+            logged_sys_admin: false,
+            logged_unreadable: false,
             stats: Stats::default(),
             handshake,
         })
@@ -163,14 +187,50 @@ impl OpenSslProbes {
             self.consider(ebpf, root_pid, candidate);
         }
         let own = std::process::id();
-        for pid in listeners::all_pids() {
-            if pid == own || !self.scope.process_in_scope(pid) {
+        let alive: HashSet<u32> = listeners::all_pids().into_iter().collect();
+        for &pid in &alive {
+            if pid == own {
                 continue;
             }
-            for candidate in candidates(pid) {
-                self.consider(ebpf, pid, candidate);
+            // What the kernel refused to show, if anything: both are behind the ptrace check.
+            let found = match self.scope.process_in_scope(pid) {
+                Ok(true) => candidates(pid).map_err(|e| (format!("/proc/{pid}/maps"), e)),
+                Ok(false) => continue,
+                Err(e) if ebpf::lacks(ebpf::SYS_PTRACE) => Err((format!("/proc/{pid}/ns/net"), e)),
+                // Refused despite CAP_SYS_PTRACE (a process of an outer user namespace): nothing
+                // the agent could be given, and most likely not in scope anyway.
+                Err(_) => continue,
+            };
+            match found {
+                Ok(candidates) => {
+                    for candidate in candidates {
+                        self.consider(ebpf, pid, candidate);
+                    }
+                }
+                Err((what, e)) if e.kind() == ErrorKind::PermissionDenied => {
+                    self.unreadable(pid, &what, e, &[ebpf::SYS_PTRACE]);
+                }
+                Err(_) => {} // the process exited meanwhile
             }
         }
+        // A reused pid is a new process, which may well be readable.
+        self.unreadable.retain(|pid| alive.contains(pid));
+    }
+
+    /// A process whose namespace, maps or files the kernel would not show: every process of
+    /// another user or container is refused alike, so it is logged once per run (the first, with
+    /// the capability `needed` that the agent lacks) and counted once per process.
+    fn unreadable(&mut self, pid: u32, what: &str, error: std::io::Error, needed: &[Capability]) {
+        if !self.unreadable.insert(pid) {
+            return;
+        }
+        self.stats.processes_unreadable += 1;
+        log::log!(
+            once(&mut self.logged_unreadable),
+            "pid {pid} not scanned for OpenSSL: reading {what}: {error}: {} (logged once per run, \
+             counted in the summary)",
+            ebpf::explain_access_denied(needed)
+        );
     }
 
     fn consider(&mut self, ebpf: &mut Ebpf, pid: u32, candidate: Mapping) {
@@ -188,8 +248,15 @@ impl OpenSslProbes {
         }
         // The file as the process sees it, in its own mount namespace.
         let mut path = PathBuf::from(format!("/proc/{pid}/root{}", candidate.path));
-        let Ok(meta) = std::fs::metadata(&path) else {
-            return; // the process exited meanwhile
+        let meta = match std::fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+                // /proc/PID/root is behind the ptrace check, the path behind directory modes.
+                let what = path.display().to_string();
+                self.unreadable(pid, &what, e, &[ebpf::SYS_PTRACE, ebpf::DAC_READ_SEARCH]);
+                return;
+            }
+            Err(_) => return, // the process exited meanwhile
         };
         let id = (meta.dev(), meta.ino());
         // The same file in the agent's own view is a path that outlives the process.
@@ -255,16 +322,33 @@ impl OpenSslProbes {
                 // that sees the file in another process tries again.
                 log::debug!("{} went away while probing it: {e:#}", path.display());
             }
+            Err(e) if ebpf::uprobe_needs_sys_admin(&e) => {
+                self.stats.files_refused_without_sys_admin += 1;
+                self.skipped.insert(id);
+                log::log!(
+                    once(&mut self.logged_sys_admin),
+                    "attaching OpenSSL probes to {}: {:#} (logged once per run, counted in the \
+                     summary)",
+                    path.display(),
+                    ebpf::explain_uprobe_error(e)
+                );
+            }
             Err(e) => {
                 self.stats.files_failed += 1;
                 self.skipped.insert(id);
-                log::warn!(
-                    "attaching OpenSSL probes to {}: {:#}",
-                    path.display(),
-                    crate::ebpf::explain_uprobe_error(e)
-                );
+                log::warn!("attaching OpenSSL probes to {}: {e:#}", path.display());
             }
         }
+    }
+}
+
+/// The level of a warning that every process or file would repeat: a warning the first time
+/// (`logged` false), debug after that.
+pub fn once(logged: &mut bool) -> log::Level {
+    if std::mem::replace(logged, true) {
+        log::Level::Debug
+    } else {
+        log::Level::Warn
     }
 }
 
@@ -411,14 +495,12 @@ struct Mapping {
 }
 
 /// The process's libssl mappings and its executable.
-fn candidates(pid: u32) -> Vec<Mapping> {
-    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
-        return Vec::new();
-    };
+fn candidates(pid: u32) -> std::io::Result<Vec<Mapping>> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
     let exe = exe.as_deref().and_then(Path::to_str);
     let exe = exe.map(|e| e.strip_suffix(" (deleted)").unwrap_or(e));
-    parse_maps(&maps, exe)
+    Ok(parse_maps(&maps, exe))
 }
 
 /// Executable mappings of libssl or of `exe`, each file once.
