@@ -18,7 +18,8 @@
 //! whatever rate that was.
 //!
 //! A run with the agent starts a fresh agent scoped to the agent and persona namespaces,
-//! exporting OTLP/gRPC to a fresh `tests/otlp_receiver.py --count-only` on loopback, and
+//! exporting OTLP/gRPC to a fresh counting receiver on loopback (`otlp_count`: the hidden
+//! `otlp-count-receiver` command of a release build of xtask, in its own process), and
 //! measures:
 //! * the agent's CPU time (utime+stime from /proc/PID/stat) from just before the load until
 //!   the receiver's count stops growing after it (the export queue has drained), per 1000
@@ -29,7 +30,9 @@
 //! * the spans the receiver got, by hop, kind and name: completeness (see `Basis`).
 //!
 //! The receiver shares the two cores with the load: its CPU time is printed too, so that its
-//! share of the overhead can be judged (a collector is on another machine in the field).
+//! share of the overhead can be judged (a collector is on another machine in the field). It is
+//! in Rust and decodes only what it counts: `tests/otlp_receiver.py --count-only`, which writes
+//! the same summary, cost about as much CPU per request as the agent.
 //!
 //! hoptrace is built in the release profile by default (what is deployed; about 30 s on top of
 //! the debug build the tests use, under 2 min cold): `--debug` measures the debug build,
@@ -204,20 +207,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
     })
     .collect();
     which("wrk").context("wrk is needed for the load (Debian package wrk; ./x installs it)")?;
-    let receiver_script = workspace_root().join("tests/otlp_receiver.py");
-    if !receiver_script.exists() {
-        bail!("{} not found", receiver_script.display());
-    }
     let (hoptrace, profile) = match &args.hoptrace {
         Some(path) => (path.clone(), "given".to_owned()),
         None => (
-            build_hoptrace(!args.debug)?,
+            build("hoptrace", !args.debug)?.join("hoptrace"),
             if args.debug { "debug" } else { "release" }.to_owned(),
         ),
     };
     if !hoptrace.exists() {
         bail!("{} not found", hoptrace.display());
     }
+    // Release, whatever hoptrace's profile: the debug build's decoding costs more CPU than the
+    // Python receiver did, all of it on the lab's cores.
+    let receiver = build("xtask", true)?.join("xtask");
     check_interrupted()?;
     raise_nofile_limit();
 
@@ -240,7 +242,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args: &args,
         lab: &lab,
         hoptrace: &hoptrace,
-        receiver_script: &receiver_script,
+        receiver: &receiver,
         script: &script,
         work: work.path(),
     };
@@ -333,7 +335,8 @@ struct Bench<'a> {
     args: &'a BenchArgs,
     lab: &'a Lab,
     hoptrace: &'a Path,
-    receiver_script: &'a Path,
+    /// The xtask binary that serves `otlp-count-receiver`.
+    receiver: &'a Path,
     script: &'a Path,
     work: &'a Path,
 }
@@ -466,7 +469,7 @@ impl Bench<'_> {
                 cpu: CpuUse::between(&before, &CpuSnapshot::take(&pids)),
             });
         }
-        let mut receiver = Receiver::start(self.receiver_script, self.work)?;
+        let mut receiver = Receiver::start(self.receiver, self.work)?;
         let mut agent = Agent::start(self.hoptrace, self.lab, receiver.grpc_port, self.work)?;
         pause(SETTLE)?;
         let pids = [pids, vec![agent.pid(), receiver.pid()]].concat();
@@ -1083,7 +1086,8 @@ impl Drop for Agent {
     }
 }
 
-/// `tests/otlp_receiver.py --count-only` on ephemeral loopback ports.
+/// `otlp-count-receiver` (a release build of xtask, see `otlp_count`) on an ephemeral
+/// loopback port.
 struct Receiver {
     process: Option<Background>,
     grpc_port: u16,
@@ -1091,14 +1095,12 @@ struct Receiver {
 }
 
 impl Receiver {
-    fn start(script: &Path, work: &Path) -> Result<Receiver> {
-        let python = std::env::var("HOPTRACE_PYTHON").unwrap_or_else(|_| "python3".into());
+    fn start(xtask: &Path, work: &Path) -> Result<Receiver> {
         let summary = work.join("received.json");
         let _ = fs::remove_file(&summary);
         let log = fs::File::create(work.join("receiver.log")).context("creating receiver.log")?;
-        let mut cmd = Command::new(&python);
-        cmd.arg(script)
-            .arg("--count-only")
+        let mut cmd = Command::new(xtask);
+        cmd.arg("otlp-count-receiver")
             .arg("--out")
             .arg(&summary)
             .stdout(Stdio::piped())
@@ -1127,8 +1129,9 @@ impl Receiver {
                 Ok(Some(line)) => break line,
                 Ok(None) | Err(mpsc::RecvTimeoutError::Disconnected) => {
                     bail!(
-                        "the OTLP receiver ({python} {}) exited before it was ready: see {}",
-                        script.display(),
+                        "the OTLP receiver ({} otlp-count-receiver) exited before it was ready: \
+                         see {}",
+                        xtask.display(),
                         work.join("receiver.log").display()
                     )
                 }
@@ -1212,8 +1215,9 @@ fn terminate(process: &mut Background, grace: Duration) -> Result<ExitStatus> {
     Ok(child.wait()?)
 }
 
-/// The receiver's `--count-only` summary: `json.dumps(indent=1, sort_keys=True)`, so one
-/// count per line; the `by_hop_kind_name` keys are `hop|KIND|name`.
+/// The receiver's summary (as `tests/otlp_receiver.py --count-only` writes it):
+/// `json.dumps(indent=1, sort_keys=True)`, so one count per line; the `by_hop_kind_name` keys
+/// are `hop|KIND|name`.
 fn parse_receiver_summary(text: &str) -> Result<SpanCounts> {
     let mut counts = SpanCounts::default();
     let mut section = String::new();
@@ -1471,19 +1475,20 @@ fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Builds hoptrace (release unless `debug`) and returns its path; honours CARGO_TARGET_DIR.
-fn build_hoptrace(release: bool) -> Result<PathBuf> {
+/// Builds `package` in the release or debug profile and returns the directory of its
+/// binary; honours CARGO_TARGET_DIR.
+fn build(package: &str, release: bool) -> Result<PathBuf> {
     let profile = if release { "release" } else { "debug" };
-    println!("== building hoptrace ({profile})");
+    println!("== building {package} ({profile})");
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.args(["build", "--quiet", "-p", "hoptrace"])
+    cmd.args(["build", "--quiet", "-p", package])
         .current_dir(workspace_root());
     if release {
         cmd.arg("--release");
     }
     let status = cmd.status().context("running cargo build")?;
     if !status.success() {
-        bail!("building hoptrace failed");
+        bail!("building {package} failed");
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .or_else(|| std::env::var_os("CARGO_BUILD_TARGET_DIR"))
@@ -1496,7 +1501,7 @@ fn build_hoptrace(release: bool) -> Result<PathBuf> {
             }
         })
         .unwrap_or_else(|| workspace_root().join("target"));
-    Ok(target.join(profile).join("hoptrace"))
+    Ok(target.join(profile))
 }
 
 fn which(program: &str) -> Result<PathBuf> {

@@ -46,6 +46,13 @@ enum Task {
     /// the correlator, L3 forwarder and haproxy, asymmetric delays; prints |error| median/p99
     /// of forward, return and total, and fails when the target is missed.
     Accuracy,
+    /// The benchmark's span-counting OTLP/gRPC receiver, which `bench` spawns.
+    #[command(hide = true)]
+    OtlpCountReceiver {
+        /// The JSON summary, rewritten every second and at exit.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +70,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::Bench(args) => xtask::bench::run(args),
+        Task::OtlpCountReceiver { out } => xtask::otlp_count::run(&out),
         // The measurement is the ignored end-to-end test tests/tests/accuracy.rs: it shares
         // the tests' harness (agents, correlator, receiver, haproxy).
         Task::Accuracy => {
