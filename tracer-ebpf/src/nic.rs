@@ -5,7 +5,7 @@
 //! response's first byte. Programs only read the packet and always pass it.
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK,
+    bindings::{BPF_F_MMAPABLE, TC_ACT_OK},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
     maps::Array,
@@ -13,8 +13,9 @@ use aya_ebpf::{
 };
 use tracer_common::nic::{NIC_SLOTS, NicKey, NicStamp, slot};
 
+/// Mmapable: user space reads its egress times straight from this array's memory.
 #[map]
-static NIC_TX: Array<NicStamp> = Array::with_max_entries(NIC_SLOTS, 0);
+static NIC_TX: Array<NicStamp> = Array::with_max_entries(NIC_SLOTS, BPF_F_MMAPABLE);
 
 #[map]
 static NIC_RX: Array<NicStamp> = Array::with_max_entries(NIC_SLOTS, 0);
