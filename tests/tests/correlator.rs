@@ -13,9 +13,10 @@ use std::time::Duration;
 use hoptrace_tests::{
     clock_shift::OffsetSplit,
     firewall::{
-        HAPROXY_LOCAL_PATH, PARENT_ID, REQUESTS, SPLIT_TOLERANCE, SUM_TOLERANCE, check_split,
-        curl_requests, deploy_correlated, hops, lab, nic_to_nic, set_delays, shifted_requests,
-        spans_of, start_haproxy, within,
+        HAPROXY_LOCAL_PATH, PARENT_ID, REQUESTS, SPLIT_TOLERANCE, SUM_TOLERANCE, check_intercepted,
+        check_split, curl_requests, deploy_correlated, hops, inside, intercepted_requests, lab,
+        nic_to_nic, set_delays, shifted_requests, spans_of, start_haproxy, start_interception,
+        within,
     },
     receiver::{OtlpReceiver, ReceivedSpan},
 };
@@ -65,7 +66,7 @@ fn two_agents_and_the_correlator_attribute_an_l3_forwarder() {
     let trace = "2af7651916cd43dd8448eb211c80319c";
     curl_requests(&lab, &lab.nginx_url("/"), trace);
     let spans = spans_of(&receiver, trace, REQUESTS);
-    check_split(&spans, 20, 10, "forwarder");
+    check_split(&spans, REQUESTS, (20, 10), "forwarder");
     check_resources(&spans);
 }
 
@@ -79,7 +80,7 @@ fn two_agents_and_the_correlator_attribute_a_proxy_and_pass_one_sided_requests_t
     let trace = "3af7651916cd43dd8448eb211c80319c";
     curl_requests(&lab, &url, trace);
     let spans = spans_of(&receiver, trace, REQUESTS);
-    check_split(&spans, 15, 5, "proxy");
+    check_split(&spans, REQUESTS, (15, 5), "proxy");
     check_resources(&spans);
 
     // haproxy answers this one itself: only the agent side exists.
@@ -129,6 +130,22 @@ fn two_agents_and_the_correlator_attribute_a_proxy_and_pass_one_sided_requests_t
     );
 }
 
+#[test]
+fn two_agents_and_the_correlator_attribute_a_tls_intercepting_proxy() {
+    let lab = lab();
+    let interception = start_interception(&lab);
+    let receiver = OtlpReceiver::start().expect("receiver");
+    let _deployment = deploy_correlated(&lab, &receiver, JOIN_WINDOW_S);
+    // One trace per connection: the second connection's persona leg resumes the first's session.
+    let traces = [
+        "9af7651916cd43dd8448eb211c80319c",
+        "aaf7651916cd43dd8448eb211c80319c",
+    ];
+    let spans = intercepted_requests(&lab, &interception, &receiver, &traces);
+    check_intercepted(&spans, &traces);
+    check_resources(&spans);
+}
+
 /// The persona host's clock reads this much behind the agent host's (agent time = persona time
 /// + offset: the sign of `hoptrace.clock.offset_ns`).
 const PERSONA_CLOCK_OFFSET_NS: i64 = 250_000_000;
@@ -169,10 +186,6 @@ fn check_offset_covered(
             Some(false)
         );
     }
-    let inside = |child: &ReceivedSpan, parent: &ReceivedSpan| {
-        parent.start_time_unix_nano <= child.start_time_unix_nano
-            && child.end_time_unix_nano <= parent.end_time_unix_nano
-    };
     for i in 0..n {
         let split = OffsetSplit::of(hops.total[i]);
         let what = format!(
