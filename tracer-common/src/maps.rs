@@ -125,7 +125,7 @@ pub const SYSCALLS: &str = "SYSCALLS";
 /// LRU hash: socket address (u64) -> ns when the oldest unread segment reached TCP.
 pub const RX_ARRIVAL: &str = "RX_ARRIVAL";
 /// Array of [`crate::nic::NIC_SLOTS`] [`crate::nic::NicStamp`]s: when data segments left
-/// through a NIC (tc egress), direct-mapped by [`crate::nic::slot`].
+/// through a NIC (tc egress), in buckets of two by [`crate::nic::bucket`].
 pub const NIC_TX: &str = "NIC_TX";
 /// As [`NIC_TX`], for data segments arriving at a NIC (tc ingress).
 pub const NIC_RX: &str = "NIC_RX";

@@ -11,7 +11,7 @@ use aya_ebpf::{
     maps::Array,
     programs::TcContext,
 };
-use tracer_common::nic::{NIC_SLOTS, NicKey, NicStamp, slot};
+use tracer_common::nic::{NIC_SLOTS, NicKey, NicStamp, bucket};
 
 /// Mmapable: user space reads its egress times straight from this array's memory.
 #[map]
@@ -41,29 +41,38 @@ pub fn nic_ingress(ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
-/// When the segment `key` crossed the NIC, as of now, unless its slot already holds it: the
+/// When the segment `key` crossed the NIC, as of now, unless its bucket already holds it: the
 /// first transmission wins, a retransmission must not move the time the data first left.
+/// Otherwise it replaces the older way of its bucket.
 #[inline(always)]
 fn record(table: &Array<NicStamp>, key: &NicKey) {
-    let Some(stamp) = table.get_ptr_mut(slot(key)) else {
+    let first = bucket(key);
+    let (Some(a), Some(b)) = (table.get_ptr_mut(first), table.get_ptr_mut(first + 1)) else {
         return;
     };
-    // SAFETY: a valid slot of the array; a concurrent writer of the same slot (another CPU,
+    // SAFETY: valid slots of the array; a concurrent writer of the same bucket (another CPU,
     // another segment hashing here within nanoseconds) may interleave with this one, and the
-    // reader's whole-key comparison then almost always rejects the mixed slot.
-    let stamp = unsafe { &mut *stamp };
-    if stamp.ns != 0 && stamp.key.same_as(key) {
+    // readers' whole-key comparison then almost always rejects the mixed slot.
+    let (a, b) = unsafe { (&mut *a, &mut *b) };
+    if (a.ns != 0 && a.key.same_as(key)) || (b.ns != 0 && b.key.same_as(key)) {
         return;
     }
+    let stamp = if a.ns <= b.ns { a } else { b };
     stamp.key = *key;
     stamp.ns = unsafe { bpf_ktime_get_ns() };
 }
 
-/// When the segment `key` arrived, if its slot still holds it.
+/// When the segment `key` arrived, if its bucket still holds it.
 #[inline(always)]
 pub fn arrival(key: &NicKey) -> Option<u64> {
-    let stamp = NIC_RX.get(slot(key))?;
-    (stamp.ns != 0 && stamp.key.same_as(key)).then_some(stamp.ns)
+    let first = bucket(key);
+    for index in [first, first + 1] {
+        let stamp = NIC_RX.get(index)?;
+        if stamp.ns != 0 && stamp.key.same_as(key) {
+            return Some(stamp.ns);
+        }
+    }
+    None
 }
 
 /// The key of a TCP segment with payload, from this host's side; None for anything else.

@@ -15,7 +15,7 @@ use aya::{
 };
 use tracer_common::{
     maps,
-    nic::{NIC_SLOTS, NicKey, NicStamp, slot},
+    nic::{NIC_SLOTS, NIC_WAYS, NicKey, NicStamp, bucket},
 };
 
 use crate::scope::Scope;
@@ -176,19 +176,22 @@ impl KernelNicTimes {
 impl NicTimes for KernelNicTimes {
     fn egress(&self, key: &NicKey) -> Option<u64> {
         use std::sync::atomic::{Ordering, fence};
-        let stamp = self.slots.as_ptr().wrapping_add(slot(key) as usize);
-        // The tc program may be rewriting this slot for another segment (key, then time), so
-        // the time is read before and after the key, like a sequence lock: a changed time means
-        // a write came in between. The slot may also hold another segment by now
-        // (tracer_common::nic): then none is known.
-        // SAFETY: slot() < NIC_SLOTS, inside the mapping; plain data read volatile because the
-        // kernel writes it concurrently.
-        let before = unsafe { std::ptr::addr_of!((*stamp).ns).read_volatile() };
-        fence(Ordering::Acquire);
-        let found = unsafe { std::ptr::addr_of!((*stamp).key).read_volatile() };
-        fence(Ordering::Acquire);
-        let after = unsafe { std::ptr::addr_of!((*stamp).ns).read_volatile() };
-        (before != 0 && before == after && found == *key).then_some(before)
+        let first = bucket(key);
+        (first..first + NIC_WAYS).find_map(|index| {
+            let stamp = self.slots.as_ptr().wrapping_add(index as usize);
+            // The tc program may be rewriting this slot for another segment (key, then time),
+            // so the time is read before and after the key, like a sequence lock: a changed time
+            // means a write came in between. The bucket may also hold other segments by now
+            // (tracer_common::nic): then none is known.
+            // SAFETY: bucket() + NIC_WAYS <= NIC_SLOTS, inside the mapping; plain data read
+            // volatile because the kernel writes it concurrently.
+            let before = unsafe { std::ptr::addr_of!((*stamp).ns).read_volatile() };
+            fence(Ordering::Acquire);
+            let found = unsafe { std::ptr::addr_of!((*stamp).key).read_volatile() };
+            fence(Ordering::Acquire);
+            let after = unsafe { std::ptr::addr_of!((*stamp).ns).read_volatile() };
+            (before != 0 && before == after && found == *key).then_some(before)
+        })
     }
 }
 
