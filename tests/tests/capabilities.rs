@@ -391,6 +391,13 @@ fn the_agent_with_the_base_set_traces_requests_and_says_tc_and_uprobes_are_unava
         ),
         "{log}"
     );
+    // The lab's nginx (libssl) runs before the agent starts: its first scan is refused, and
+    // the ready line does not claim the layer.
+    assert_eq!(
+        lines_with(&log, &["hoptrace agent ready", "no TLS plaintext (uprobes refused"]),
+        1,
+        "{log}"
+    );
     // Said once per run for each kind of uprobe, and counted: every file is refused alike.
     let openssl = ["attaching OpenSSL probes to", UPROBES_NEED_SYS_ADMIN];
     assert_eq!(lines_with(&log, &openssl), 1, "{log}");

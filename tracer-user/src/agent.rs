@@ -203,11 +203,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         } else {
             String::new()
         },
-        if openssl.is_some() {
-            ", TLS plaintext (OpenSSL uprobes)"
-        } else {
-            ""
-        }
+        openssl_layer(openssl.as_ref())
     );
 
     loop {
@@ -345,6 +341,21 @@ fn drain(
         }
     }
     pipeline.emit(clock);
+}
+
+/// The ready line's word on TLS plaintext, after the first scan: a kernel that refused every
+/// uprobe (CAP_SYS_ADMIN, Linux 6.16+) must not read as if HTTPS were observed.
+fn openssl_layer(probes: Option<&OpenSslProbes>) -> &'static str {
+    match probes {
+        None => "",
+        Some(probes)
+            if probes.stats.files_attached == 0
+                && probes.stats.files_refused_without_sys_admin > 0 =>
+        {
+            ", no TLS plaintext (uprobes refused: CAP_SYS_ADMIN is needed on Linux 6.16+)"
+        }
+        Some(_) => ", TLS plaintext (OpenSSL uprobes)",
+    }
 }
 
 /// Reports new ring-buffer drops: the kernel never blocks on a full buffer, it counts.
