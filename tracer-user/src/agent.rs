@@ -52,6 +52,11 @@ pub struct AgentOptions {
 /// 4 MiB ring holds at 100k records/s (~40 ms), and spans leave in batches anyway.
 const RING_GATHER: Duration = Duration::from_millis(1);
 
+/// Spans a drain of the ring buffer hands on at once. Under saturation the ring never empties
+/// and one drain goes on for as long: without this bound its spans piled up in memory (peak RSS
+/// 190 MiB) and then reached the export queue in one burst, which dropped most of them.
+const EMIT_EVERY: usize = 512;
+
 /// The least time the last spans get to leave when detaching took the whole shutdown bound.
 const FINAL_FLUSH_MIN: Duration = Duration::from_millis(500);
 
@@ -338,6 +343,9 @@ fn drain(
                 }
                 counts.decode_errors += 1;
             }
+        }
+        if pipeline.spans.len() >= EMIT_EVERY {
+            pipeline.emit(clock);
         }
     }
     pipeline.emit(clock);
