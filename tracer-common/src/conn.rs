@@ -19,8 +19,14 @@ pub mod tcp_state {
     pub const ESTABLISHED: u8 = 1;
     pub const SYN_SENT: u8 = 2;
     pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
     pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
     pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
 }
 
 /// `AF_INET` and `AF_INET6` (kernel ABI).
@@ -96,6 +102,11 @@ pub enum ConnTransition {
     AcceptFailed,
     /// ESTABLISHED -> CLOSE: a reset (received or sent) or an abort, never a graceful close.
     Aborted,
+    /// FIN_WAIT1/FIN_WAIT2/CLOSING/TIME_WAIT/CLOSE_WAIT/LAST_ACK -> CLOSE: a graceful close
+    /// ended the socket. No span; user space forgets the socket at once, instead of holding
+    /// its state until the address is reused or the idle timeout (at thousands of new
+    /// connections a second, that state was tens of MiB).
+    Closed,
     /// CLOSE -> LISTEN: a listener appeared (recorded in the kernel, not reported).
     Listen,
 }
@@ -112,6 +123,9 @@ impl ConnTransition {
             (SYN_RECV, ESTABLISHED) => Self::AcceptDone,
             (SYN_RECV, CLOSE) => Self::AcceptFailed,
             (ESTABLISHED, CLOSE) => Self::Aborted,
+            (FIN_WAIT1 | FIN_WAIT2 | CLOSING | TIME_WAIT | CLOSE_WAIT | LAST_ACK, CLOSE) => {
+                Self::Closed
+            }
             (CLOSE, LISTEN) => Self::Listen,
             _ => return None,
         })
@@ -176,9 +190,13 @@ mod tests {
             (SYN_RECV, CLOSE, Some(AcceptFailed)),
             (ESTABLISHED, CLOSE, Some(Aborted)),
             (CLOSE, LISTEN, Some(Listen)),
-            // A graceful close goes through FIN_WAIT1 (4) or CLOSE_WAIT (8): not an abort.
-            (ESTABLISHED, 4, None),
-            (ESTABLISHED, 8, None),
+            // A graceful close goes through FIN_WAIT1 or CLOSE_WAIT: not an abort; it is
+            // reported when the socket finally closes.
+            (ESTABLISHED, FIN_WAIT1, None),
+            (ESTABLISHED, CLOSE_WAIT, None),
+            (FIN_WAIT2, CLOSE, Some(Closed)),
+            (LAST_ACK, CLOSE, Some(Closed)),
+            (FIN_WAIT1, CLOSE, Some(Closed)),
             (LISTEN, SYN_RECV, None),
             (LISTEN, CLOSE, None),
         ];
@@ -192,5 +210,6 @@ mod tests {
         assert!(!ConnectStart.is_reported());
         assert!(!Listen.is_reported());
         assert!(ConnectDone.is_reported() && Aborted.is_reported() && AcceptDone.is_reported());
+        assert!(Closed.is_reported());
     }
 }

@@ -148,6 +148,17 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), ()> {
             );
             context
         }
+        ConnTransition::Closed => {
+            // Reported only for sockets this agent followed (and so has state for).
+            let Some(context) = (unsafe { SOCKS.get(&sk) }).copied() else {
+                return Ok(());
+            };
+            let _ = SOCKS.remove(&sk);
+            if !scope::pid_in_scope(context.tgid) {
+                return Ok(());
+            }
+            context
+        }
         ConnTransition::ConnectFailed | ConnTransition::AcceptFailed | ConnTransition::Aborted => {
             let context = unsafe { SOCKS.get(&sk) }.copied();
             let _ = SOCKS.remove(&sk);

@@ -76,7 +76,9 @@ pub fn span_for(event: &ConnEvent) -> Option<HopSpan> {
                 vec![("error.type", kind.into())],
             )
         }
-        ConnTransition::ConnectStart | ConnTransition::Listen => return None,
+        ConnTransition::ConnectStart | ConnTransition::Listen | ConnTransition::Closed => {
+            return None;
+        }
     };
     // A phase the kernel did not see start (socket older than the agent): a zero-length span at
     // the moment we know, flagged, never a made-up duration.

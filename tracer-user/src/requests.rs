@@ -719,10 +719,14 @@ impl Assembler {
     }
 
     pub fn on_conn(&mut self, event: &ConnEvent, out: &mut Vec<HopSpan>) {
+        let transition = ConnTransition::classify(event.oldstate, event.newstate);
+        if transition == Some(ConnTransition::Closed) {
+            self.forget(event.skaddr, Gone::Closed, out);
+            return;
+        }
         let Some(span) = conn_spans::span_for(event) else {
             return;
         };
-        let transition = ConnTransition::classify(event.oldstate, event.newstate);
         match transition {
             Some(ConnTransition::ConnectDone | ConnTransition::AcceptDone) => {
                 // A new connection on this address: whatever was there is gone.
