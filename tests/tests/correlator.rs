@@ -13,10 +13,10 @@ use std::time::Duration;
 use hoptrace_tests::{
     clock_shift::OffsetSplit,
     firewall::{
-        HAPROXY_LOCAL_PATH, PARENT_ID, REQUESTS, SPLIT_TOLERANCE, SUM_TOLERANCE, check_intercepted,
-        check_split, curl_requests, deploy_correlated, hops, inside, intercepted_requests, lab,
-        nic_to_nic, set_delays, shifted_requests, spans_of, start_haproxy, start_interception,
-        within,
+        HAPROXY_LOCAL_PATH, PARENT_ID, PersonaTls, REQUESTS, SPLIT_TOLERANCE, SUM_TOLERANCE,
+        check_intercepted, check_split, curl_requests, deploy_correlated, hops, inside,
+        intercepted_requests, lab, nic_to_nic, set_delays, shifted_requests, spans_of,
+        start_haproxy, start_interception, within,
     },
     receiver::{OtlpReceiver, ReceivedSpan},
 };
@@ -133,7 +133,7 @@ fn two_agents_and_the_correlator_attribute_a_proxy_and_pass_one_sided_requests_t
 #[test]
 fn two_agents_and_the_correlator_attribute_a_tls_intercepting_proxy() {
     let lab = lab();
-    let interception = start_interception(&lab);
+    let interception = start_interception(&lab, PersonaTls::FullTls12);
     let receiver = OtlpReceiver::start().expect("receiver");
     let _deployment = deploy_correlated(&lab, &receiver, JOIN_WINDOW_S);
     // One trace per connection: the second connection's persona leg resumes the first's session.
@@ -142,7 +142,7 @@ fn two_agents_and_the_correlator_attribute_a_tls_intercepting_proxy() {
         "aaf7651916cd43dd8448eb211c80319c",
     ];
     let spans = intercepted_requests(&lab, &interception, &receiver, &traces);
-    check_intercepted(&spans, &traces);
+    check_intercepted(&spans, &traces, PersonaTls::FullTls12);
     check_resources(&spans);
 }
 

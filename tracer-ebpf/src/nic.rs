@@ -17,8 +17,10 @@ use tracer_common::nic::{NIC_SLOTS, NicKey, NicStamp, bucket};
 #[map]
 static NIC_TX: Array<NicStamp> = Array::with_max_entries(NIC_SLOTS, BPF_F_MMAPABLE);
 
+/// Looked up by the receive probes (data.rs) for a read's first segment; mmapable too: user
+/// space looks up a segment further into a read (a request read with the TLS handshake's end).
 #[map]
-static NIC_RX: Array<NicStamp> = Array::with_max_entries(NIC_SLOTS, 0);
+static NIC_RX: Array<NicStamp> = Array::with_max_entries(NIC_SLOTS, BPF_F_MMAPABLE);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;

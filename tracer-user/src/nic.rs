@@ -114,18 +114,44 @@ fn interfaces() -> anyhow::Result<Vec<(u32, String)>> {
     Ok(found)
 }
 
-/// When segments left through a NIC, by connection and first sequence number. (Arrivals come
-/// with the receive records: the kernel looks them up at the read.)
+/// When segments crossed a NIC, by connection and first sequence number. (A receive record
+/// comes with the arrival of the segment its first byte started: the kernel looks it up at the
+/// read. `ingress` is for segments further into a read.)
 pub trait NicTimes {
     fn egress(&self, key: &NicKey) -> Option<u64>;
+    fn ingress(&self, key: &NicKey) -> Option<u64>;
 }
 
-/// The kernel's egress table, read at span-building time: a request's segment left before its
-/// response came back, a response's before the persona's next read or the span's end.
-///
-/// The array is created mmapable (BPF_F_MMAPABLE) and mapped read-only into the agent, so a
-/// lookup reads its slot from memory: a bpf() system call per span was ~6 % of the agent's CPU.
+/// The kernel's egress and ingress tables, read at span-building time: a request's segment
+/// left before its response came back, a response's before the persona's next read or the
+/// span's end; a segment arrived before the read that returned its bytes.
 pub struct KernelNicTimes {
+    tx: MappedTable,
+    rx: MappedTable,
+}
+
+impl KernelNicTimes {
+    pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        Ok(Self {
+            tx: MappedTable::take(ebpf, maps::NIC_TX)?,
+            rx: MappedTable::take(ebpf, maps::NIC_RX)?,
+        })
+    }
+}
+
+impl NicTimes for KernelNicTimes {
+    fn egress(&self, key: &NicKey) -> Option<u64> {
+        self.tx.lookup(key)
+    }
+
+    fn ingress(&self, key: &NicKey) -> Option<u64> {
+        self.rx.lookup(key)
+    }
+}
+
+/// One NIC table, created mmapable (BPF_F_MMAPABLE) and mapped read-only into the agent, so a
+/// lookup reads its slot from memory: a bpf() system call per span was ~6 % of the agent's CPU.
+struct MappedTable {
     /// The map, whose file descriptor keeps the mapped object alive.
     _map: MapData,
     slots: std::ptr::NonNull<NicStamp>,
@@ -134,16 +160,16 @@ pub struct KernelNicTimes {
 
 // SAFETY: the mapping is read-only shared memory, valid until drop; reading it from any thread
 // is as sound as from the one that mapped it.
-unsafe impl Send for KernelNicTimes {}
+unsafe impl Send for MappedTable {}
 
-impl KernelNicTimes {
-    pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+impl MappedTable {
+    fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Self> {
         let map = match ebpf
-            .take_map(maps::NIC_TX)
-            .with_context(|| format!("{} missing", maps::NIC_TX))?
+            .take_map(name)
+            .with_context(|| format!("{name} missing"))?
         {
             Map::Array(map) => map,
-            _ => bail!("{} is not an array", maps::NIC_TX),
+            _ => bail!("{name} is not an array"),
         };
         let mapped_len = NIC_SLOTS as usize * size_of::<NicStamp>();
         let fd = std::os::fd::AsFd::as_fd(map.fd()).as_raw_fd();
@@ -161,20 +187,18 @@ impl KernelNicTimes {
         };
         if address == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("mapping {} into memory", maps::NIC_TX));
+                .with_context(|| format!("mapping {name} into memory"));
         }
-        let slots = std::ptr::NonNull::new(address.cast())
-            .context("mmap returned a null mapping")?;
+        let slots =
+            std::ptr::NonNull::new(address.cast()).context("mmap returned a null mapping")?;
         Ok(Self {
             _map: map,
             slots,
             mapped_len,
         })
     }
-}
 
-impl NicTimes for KernelNicTimes {
-    fn egress(&self, key: &NicKey) -> Option<u64> {
+    fn lookup(&self, key: &NicKey) -> Option<u64> {
         use std::sync::atomic::{Ordering, fence};
         let first = bucket(key);
         (first..first + NIC_WAYS).find_map(|index| {
@@ -195,7 +219,7 @@ impl NicTimes for KernelNicTimes {
     }
 }
 
-impl Drop for KernelNicTimes {
+impl Drop for MappedTable {
     fn drop(&mut self) {
         // SAFETY: the mapping made in take(), unmapped once.
         unsafe { libc::munmap(self.slots.as_ptr().cast(), self.mapped_len) };

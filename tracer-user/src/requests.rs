@@ -32,7 +32,7 @@ use crate::{
     nic::NicTimes,
     sampling::{Sampler, Untraced},
     span::{HopSpan, Role, SpanIds, Value},
-    tls_handshake::{self, Gone, Tls},
+    tls_handshake::{self, Gone, SharedRead, Tls},
     tls_library::LibraryHandshake,
 };
 
@@ -148,6 +148,9 @@ struct Stamp {
     /// TLS plaintext records: when the application called the TLS library (0 = not through a
     /// library probe; then `enter_ns` is the application's own syscall).
     library_ns: u64,
+    /// Receive records: the read returned the end of the TLS handshake before these bytes, and
+    /// where they began is not known: `nic_ns` and `tcp_ns` may be the handshake's arrival.
+    arrival_may_be_handshake: bool,
 }
 
 impl Stamp {
@@ -644,6 +647,9 @@ struct Socket {
     tls: Tls,
     /// The tls.handshake span, held like the connect (and with it) for the first request.
     held_tls: Option<(HopSpan, u64)>,
+    /// A receive that brought the handshake's end with (perhaps) the first request, until the
+    /// first plaintext receive.
+    shared_read: Option<SharedRead>,
     requests_seen: u64,
     outgoing: Stream,
     incoming: Stream,
@@ -843,13 +849,14 @@ impl Assembler {
         may_hold: bool,
         out: &mut Vec<HopSpan>,
     ) -> VecDeque<Early> {
-        let stamp = Stamp {
+        let mut stamp = Stamp {
             enter_ns: event.enter_ns,
             tcp_ns: event.tcp_ns,
             exit_ns: event.header.ts_ns,
             seq: event.seq,
             nic_ns: event.nic_ns,
             library_ns,
+            arrival_may_be_handshake: false,
         };
         let captured = usize::from(event.captured).min(event.data.len());
         let data = &event.data[..captured];
@@ -897,6 +904,15 @@ impl Assembler {
                 socket.incoming = Stream::default();
             }
             _ => {}
+        }
+        if plaintext_from.is_some() && !sending {
+            // The first plaintext received: served from the read that ended the handshake, or
+            // from a read of its own.
+            if let Some(read) = socket.shared_read.take()
+                && read.read_seq == stamp.seq
+            {
+                own_arrival(&mut stamp, read, &socket.endpoint, env.nic);
+            }
         }
         let record = http2::Record {
             data,
@@ -1259,6 +1275,40 @@ fn finish(
     }
 }
 
+/// Moves `stamp`, the first plaintext served from `read` (which began with the end of the TLS
+/// handshake), to the arrival of the segment that starts its own first record, when the record
+/// was found in the captured bytes and a segment starts there. Otherwise the read's arrival
+/// stays, marked: the request may have come in the handshake's segment, or later.
+fn own_arrival(
+    stamp: &mut Stamp,
+    read: SharedRead,
+    endpoint: &Endpoint,
+    nic: Option<&dyn NicTimes>,
+) {
+    match own_segment(read, endpoint, nic) {
+        Some((seq, arrived)) => {
+            stamp.seq = seq;
+            stamp.nic_ns = arrived;
+            // TCP timed the read's first segment, the handshake's: nothing of the request's.
+            stamp.tcp_ns = 0;
+        }
+        None => stamp.arrival_may_be_handshake = true,
+    }
+}
+
+/// The sequence number of the request's first record in `read` and the NIC arrival of the
+/// segment starting there, when both are known.
+fn own_segment(
+    read: SharedRead,
+    endpoint: &Endpoint,
+    nic: Option<&dyn NicTimes>,
+) -> Option<(u32, u64)> {
+    let (local, peer) = (endpoint.local.as_ref()?, endpoint.peer.as_ref()?);
+    let seq = read.request_seq?;
+    let key = crate::nic::key((local.ip, local.port), (peer.ip, peer.port), seq);
+    Some((seq, nic?.ingress(&key)?))
+}
+
 /// The hop span of a request (and its children).
 fn build_spans(
     side: Side,
@@ -1417,6 +1467,13 @@ fn build_spans(
                     "hoptrace.uncertain",
                     "start: arrival at TCP not seen; from the application's read".into(),
                 ));
+            } else if req.arrival_may_be_handshake {
+                attributes.push((
+                    "hoptrace.uncertain",
+                    "start: the request was read with the TLS handshake's end; the arrival may \
+                     be the handshake's"
+                        .into(),
+                ));
             }
             let kernel_rx = req.exit_ns.saturating_sub(start);
             let app = response.handed_over().saturating_sub(req.exit_ns);
@@ -1497,6 +1554,7 @@ fn tls_bytes(
         exit_ns: event.header.ts_ns,
         tcp_ns: event.tcp_ns,
         nic_ns: event.nic_ns,
+        seq: event.seq,
     };
     let ports = [event.sport, event.dport];
     let route = socket
@@ -1508,6 +1566,9 @@ fn tls_bytes(
         } else {
             Side::Server
         });
+        if let Some(read) = handshake.take_shared_read() {
+            socket.shared_read = Some(read);
+        }
         if route == tls_handshake::Route::Tls(tls_handshake::Progress::Ready) {
             if handshake.alpn_chose_h2() {
                 socket.http2.alpn_chose_h2();

@@ -1559,14 +1559,23 @@ proptest! {
     }
 }
 
-/// NIC egress times keyed by sequence number (the tests' records use their entry time as seq).
+/// NIC times keyed by sequence number (the tests' records use their entry time as seq).
+#[derive(Default)]
 struct FakeNic {
     egress: Vec<(u32, u64)>,
+    ingress: Vec<(u32, u64)>,
 }
 
 impl crate::nic::NicTimes for FakeNic {
     fn egress(&self, key: &tracer_common::nic::NicKey) -> Option<u64> {
         self.egress
+            .iter()
+            .find(|(seq, _)| *seq == key.seq)
+            .map(|(_, t)| *t)
+    }
+
+    fn ingress(&self, key: &tracer_common::nic::NicKey) -> Option<u64> {
+        self.ingress
             .iter()
             .find(|(seq, _)| *seq == key.seq)
             .map(|(_, t)| *t)
@@ -1584,6 +1593,7 @@ fn the_nic_layer_moves_the_persona_start_to_arrival_and_marks_the_agent_span() {
     // Server side: request record entered at 2_000 (its seq), NIC arrival at 1_500 us.
     let nic = FakeNic {
         egress: vec![(3_000, us(3_040)), (1_200, us(1_210))],
+        ..FakeNic::default()
     };
     let mut r = Replay::with(Config::default());
     r.asm = Assembler::new(Config::default()).with_nic(Box::new(nic));

@@ -133,6 +133,8 @@ struct Record {
     header: RecordHeader,
     /// The syscall that moved the record's first byte.
     at_ns: u64,
+    /// TCP sequence number of the record's first byte.
+    seq: u32,
     /// Captured body bytes (handshake records until both hellos are in, and alerts).
     body: Vec<u8>,
 }
@@ -140,10 +142,12 @@ struct Record {
 /// Cuts one direction's byte stream into records.
 #[derive(Debug, Default)]
 struct RecordReader {
-    /// A record header split across syscalls.
+    /// A record header split across syscalls, and the sequence number of its first byte.
     partial_header: Vec<u8>,
-    /// The record in progress: its header, body bytes still to come, when it started.
-    current: Option<(RecordHeader, u32, u64)>,
+    partial_seq: u32,
+    /// The record in progress: its header, body bytes still to come, when and at which
+    /// sequence number it started.
+    current: Option<(RecordHeader, u32, u64, u32)>,
     body: Vec<u8>,
     keep_bodies: bool,
     /// A record boundary fell in bytes not copied: wait for a syscall starting with a header.
@@ -151,10 +155,10 @@ struct RecordReader {
 }
 
 impl RecordReader {
-    /// Feeds one syscall's bytes (`data` captured of `len` moved, at `at_ns`); returns the
-    /// records whose bodies ended (or, for a body cut by the capture, whose captured part ended),
-    /// and whether sync was lost for good in this call.
-    fn feed(&mut self, data: &[u8], len: u64, at_ns: u64, out: &mut Vec<Record>) -> bool {
+    /// Feeds one syscall's bytes (`data` captured of `len` moved, at `at_ns`, the first at
+    /// sequence number `seq`); returns the records whose bodies ended (or, for a body cut by the
+    /// capture, whose captured part ended), and whether sync was lost for good in this call.
+    fn feed(&mut self, data: &[u8], len: u64, at_ns: u64, seq: u32, out: &mut Vec<Record>) -> bool {
         if self.lost {
             // Writers hand whole records to the kernel (OpenSSL, Go, rustls write flights of
             // records), so a new syscall may start one: re-sync if it looks like it.
@@ -168,7 +172,7 @@ impl RecordReader {
         let mut at = 0u64; // offset in this syscall's bytes (may pass data.len())
         // Bounded: each turn consumes at least one byte (a header byte or a body byte).
         while at < len {
-            if let Some((header, remaining, started)) = self.current {
+            if let Some((header, remaining, started, start_seq)) = self.current {
                 let take = u64::from(remaining).min(len - at);
                 // Alerts are two bytes in the clear: always worth keeping.
                 if self.keep_bodies || header.content_type == ContentType::Alert {
@@ -186,10 +190,11 @@ impl RecordReader {
                     out.push(Record {
                         header,
                         at_ns: started,
+                        seq: start_seq,
                         body: std::mem::take(&mut self.body),
                     });
                 } else {
-                    self.current = Some((header, remaining, started));
+                    self.current = Some((header, remaining, started, start_seq));
                 }
                 continue;
             }
@@ -201,6 +206,8 @@ impl RecordReader {
             };
             if self.partial_header.is_empty() {
                 self.partial_header.reserve(RECORD_HEADER_LEN);
+                // Sequence numbers wrap: so does the offset added (at < len <= u32::MAX).
+                self.partial_seq = seq.wrapping_add(at as u32);
             }
             self.partial_header.push(byte);
             at += 1;
@@ -210,13 +217,15 @@ impl RecordReader {
             match tls::parse_record_header(&self.partial_header) {
                 Ok(header) => {
                     self.partial_header.clear();
-                    self.current = Some((header, u32::from(header.length), at_ns));
+                    let start_seq = self.partial_seq;
+                    self.current = Some((header, u32::from(header.length), at_ns, start_seq));
                     if header.length == 0 {
                         // An empty application data record: complete at once.
                         self.current = None;
                         out.push(Record {
                             header,
                             at_ns,
+                            seq: start_seq,
                             body: Vec::new(),
                         });
                     }
@@ -239,6 +248,8 @@ pub struct Moment {
     pub exit_ns: u64,
     pub tcp_ns: u64,
     pub nic_ns: u64,
+    /// TCP sequence number of the syscall's first byte.
+    pub seq: u32,
 }
 
 impl Moment {
@@ -305,12 +316,28 @@ pub struct Handshake {
     done_ns: Option<u64>,
     /// The first client application record after done (the request), as seen here.
     first_data_ns: Option<u64>,
+    /// Server side: a receive that brought the handshake's end and (perhaps) the request.
+    shared_read: Option<SharedRead>,
     error: Option<(String, &'static str)>,
     records_lost: bool,
     /// The span was emitted: later bytes are ignored.
     finished: bool,
     /// What the TLS library reported, if it did before the span was built.
     library: Option<LibraryHandshake>,
+}
+
+/// A server's receive that brought the client's first application record (the request) but
+/// did not start with it: typically the end of the client's handshake flight and the request,
+/// which a server reading ahead (nginx in `SSL_do_handshake`) gets in one read when the request
+/// follows closely. The kernel timed that read by its first segment's arrival, the handshake's;
+/// the request's own is the segment starting at `request_seq`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedRead {
+    /// Sequence number of the read's first byte: what plaintext served from the read carries.
+    pub read_seq: u32,
+    /// Sequence number of the request record's first byte; None when record boundaries were
+    /// lost in bytes the kernel did not copy (then where the request began is unknown).
+    pub request_seq: Option<u32>,
 }
 
 /// What a record did to a handshake.
@@ -336,6 +363,7 @@ impl Handshake {
             ccs_from_server: false,
             done_ns: None,
             first_data_ns: None,
+            shared_read: None,
             error: None,
             records_lost: false,
             finished: false,
@@ -356,6 +384,12 @@ impl Handshake {
     /// Whether this socket sent the ClientHello.
     pub fn is_client(&self) -> bool {
         self.client
+    }
+
+    /// Server side: the receive that held the handshake's end and the request, or lost their
+    /// boundary, if one did (given once).
+    pub fn take_shared_read(&mut self) -> Option<SharedRead> {
+        self.shared_read.take()
     }
 
     /// The TLS library's report, added to the span when it is built.
@@ -382,16 +416,30 @@ impl Handshake {
             &mut self.incoming
         };
         let mut records = Vec::new();
-        if reader.feed(data, len, at_ns, &mut records) && !self.records_lost {
+        let lost = reader.feed(data, len, at_ns, moment.seq, &mut records);
+        if lost && !self.records_lost {
             self.records_lost = true;
             stats.records_lost += 1;
         }
         let from_client = sending == self.client;
         for record in records {
+            let had_data = self.first_data_ns.is_some();
             self.on_record(&record, from_client, stats);
             if self.error.is_some() {
                 return Progress::Ready;
             }
+            if !had_data && self.first_data_ns.is_some() && record.seq != moment.seq && !sending {
+                self.shared_read = Some(SharedRead {
+                    read_seq: moment.seq,
+                    request_seq: Some(record.seq),
+                });
+            }
+        }
+        if lost && !sending && !self.client && self.first_data_ns.is_none() {
+            self.shared_read = Some(SharedRead {
+                read_seq: moment.seq,
+                request_seq: None,
+            });
         }
         if self.first_data_ns.is_some() {
             Progress::Ready

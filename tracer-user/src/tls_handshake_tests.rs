@@ -381,3 +381,76 @@ fn a_peeked_byte_and_a_header_read_alone_still_start_the_handshake() {
     assert_eq!(r.stats().tls.non_tls_on_tls_port, 0);
     assert_eq!(r.stats().non_http_records, 0);
 }
+
+/// nginx reading ahead in `SSL_do_handshake`: one read returns the client's Finished flight
+/// (its segment arrived at 2_880 us, the kernel's lookup for the read) and the request's first
+/// record (its own segment at 2_950). The request's span starts at its own segment when the
+/// record is found in the captured bytes and a segment starts there; otherwise at the read's,
+/// said to be perhaps the handshake's.
+#[test]
+fn a_request_read_with_the_handshakes_end_starts_at_its_own_segment() {
+    let finished = flight!("openssl_tls13_client_finished_flight");
+    let request_seq = 3_000 + u32::try_from(finished.len()).unwrap();
+    let mut read = finished.to_vec();
+    read.extend(app_record(200));
+    // (bytes the kernel copied, the request segment's arrival known) -> (start, uncertain)
+    for (captured, segment_known, start, uncertain) in [
+        (read.len(), true, 2_950, false),
+        // The Finished and the request in one segment, or its slot overwritten.
+        (read.len(), false, 2_880, true),
+        // The request's record header lies in bytes not copied.
+        (finished.len() + 2, true, 2_880, true),
+    ] {
+        let nic = FakeNic {
+            ingress: Vec::from_iter(segment_known.then_some((request_seq, us(2_950)))),
+            ..FakeNic::default()
+        };
+        let mut r = Replay::with(Config::default());
+        r.asm = Assembler::new(Config::default()).with_nic(Box::new(nic));
+        server_to_server_hello(
+            &mut r,
+            flight!("curl_tls13_client_hello"),
+            flight!("openssl_tls13_server_flight"),
+        );
+        r.data(&cut(
+            arrived_at(
+                record(SK, DIRECTION_RECV, &read, At(3_000, 2_900, 3_010)),
+                2_880,
+            ),
+            captured,
+        ));
+        // SSL_read serves the request from what the handshake call read: that read's times.
+        let mut request = plaintext(
+            SK,
+            DIRECTION_RECV,
+            &get_traced("/"),
+            3_020,
+            At(3_000, 2_900, 3_030),
+        );
+        request.data.nic_ns = us(2_880);
+        r.asm.on_plaintext(&request, &mut r.out);
+        r.send(SK, CIPHERTEXT, At(3_100, 3_110, 3_120));
+        r.tls(
+            SK,
+            DIRECTION_SEND,
+            &ok("ok"),
+            3_090,
+            At(3_100, 3_110, 3_130),
+        );
+        let spans = r.take();
+        let hop = only_hop(&spans);
+        let what = format!("captured {captured}, segment known {segment_known}: {hop:#?}");
+        assert_eq!(hop.start_ns, us(start), "{what}");
+        assert_eq!(event(hop, "request.nic_ingress"), Some(us(start)), "{what}");
+        assert_eq!(
+            hop.attributes
+                .iter()
+                .any(|(k, v)| *k == "hoptrace.uncertain"
+                    && matches!(v, Value::Str(s) if s.contains("the handshake's"))),
+            uncertain,
+            "{what}"
+        );
+        // TCP timed the read's first segment: kept only where the arrival stays the read's.
+        assert_eq!(event(hop, "request.at_tcp").is_some(), uncertain, "{what}");
+    }
+}
