@@ -60,8 +60,12 @@ fn record(table: &Array<NicStamp>, key: &NicKey) {
         return;
     }
     let stamp = if a.ns <= b.ns { a } else { b };
+    // The time is cleared before the key changes and set after: a reader in user space, which
+    // reads the time before and after the key, then never pairs the new key with the old time.
+    // Volatile, or the first store would be dropped as overwritten.
+    unsafe { core::ptr::write_volatile(&mut stamp.ns, 0) };
     stamp.key = *key;
-    stamp.ns = unsafe { bpf_ktime_get_ns() };
+    unsafe { core::ptr::write_volatile(&mut stamp.ns, bpf_ktime_get_ns()) };
 }
 
 /// When the segment `key` arrived, if its bucket still holds it.

@@ -51,7 +51,7 @@ fn assert_probe_points(data: &[u8], function: &GoFunction) {
 #[test]
 fn stripped_caddy_through_pclntab() {
     let data = read(CADDY);
-    let binary = analyze(&data).expect("caddy analysed");
+    let binary = analyze(data.as_slice()).expect("caddy analysed");
     assert_eq!(binary.source, SymbolSource::Pclntab);
     assert!(
         binary.go_version.starts_with("go1.19"),
@@ -80,7 +80,7 @@ fn caddy_text_start_differs_from_text_section() {
 fn self_built_symtab_and_pclntab_agree() {
     let path = go_binary(GoProgram::Https).expect("Go HTTPS program built");
     let data = std::fs::read(&path).unwrap();
-    let binary = analyze(&data).expect("analysed");
+    let binary = analyze(data.as_slice()).expect("analysed");
     assert_eq!(binary.source, SymbolSource::Symtab);
     assert!(
         binary.go_version.starts_with("go1."),
@@ -139,7 +139,7 @@ fn unknown_pclntab_layout_is_refused() {
         .unwrap();
     drop(elf);
     data[offset as usize..offset as usize + 4].copy_from_slice(&0xffff_fff9u32.to_le_bytes());
-    let error = analyze(&data).unwrap_err();
+    let error = analyze(data.as_slice()).unwrap_err();
     assert!(
         matches!(error, GoBinaryError::UnsupportedPclntab(0xffff_fff9)),
         "{error}"
@@ -149,9 +149,9 @@ fn unknown_pclntab_layout_is_refused() {
 
 #[test]
 fn non_go_and_non_elf_files_are_refused() {
-    let error = analyze(&read("/bin/true")).unwrap_err();
+    let error = analyze(read("/bin/true").as_slice()).unwrap_err();
     assert!(matches!(error, GoBinaryError::NotGo), "{error}");
-    let error = analyze(b"#!/bin/sh\necho not an ELF\n").unwrap_err();
+    let error = analyze(&b"#!/bin/sh\necho not an ELF\n"[..]).unwrap_err();
     assert!(matches!(error, GoBinaryError::NotElf(_)), "{error}");
 }
 
