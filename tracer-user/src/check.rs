@@ -151,14 +151,14 @@ pub fn run() -> anyhow::Result<bool> {
         .all(|f| f.need == Need::Optional || f.outcome.is_ok()))
 }
 
-/// The capabilities of deploy/README.md's "Capabilities" table (linux/capability.h numbers).
-const CAPABILITIES: [(u32, &str); 6] = [
-    (39, "CAP_BPF"),
-    (38, "CAP_PERFMON"),
-    (12, "CAP_NET_ADMIN"),
-    (19, "CAP_SYS_PTRACE"),
-    (2, "CAP_DAC_READ_SEARCH"),
-    (21, "CAP_SYS_ADMIN"),
+/// The capabilities of deploy/README.md's "Capabilities" table.
+const CAPABILITIES: [ebpf::Capability; 6] = [
+    ebpf::BPF,
+    ebpf::PERFMON,
+    ebpf::NET_ADMIN,
+    ebpf::SYS_PTRACE,
+    ebpf::DAC_READ_SEARCH,
+    ebpf::SYS_ADMIN,
 ];
 
 /// `uid 0, CAP_BPF CAP_PERFMON ...; without CAP_SYS_ADMIN`: which of the agent's capabilities
@@ -167,8 +167,8 @@ fn privileges() -> String {
     let effective = ebpf::effective_capabilities();
     let (have, lack): (Vec<_>, Vec<_>) = CAPABILITIES
         .iter()
-        .partition(|(number, _)| effective & (1 << number) != 0);
-    let names = |caps: &[&(u32, &str)]| {
+        .partition(|&&cap| ebpf::holds(effective, cap));
+    let names = |caps: &[&ebpf::Capability]| {
         let names: Vec<_> = caps.iter().map(|(_, name)| *name).collect();
         names.join(" ")
     };

@@ -399,19 +399,28 @@ fn explain_load_error(error: anyhow::Error) -> anyhow::Error {
     error
 }
 
-/// Capability numbers (linux/capability.h) of the privilege checks below.
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
+/// A capability by number (linux/capability.h) and name.
+pub type Capability = (u32, &'static str);
+/// Creating maps, loading BTF and programs (Linux 5.8+).
+pub const BPF: Capability = (39, "CAP_BPF");
+/// perf_event_open() for tracepoint links; loading tracing programs (Linux 5.8+).
+pub const PERFMON: Capability = (38, "CAP_PERFMON");
+/// Loading tc programs and attaching them.
+pub const NET_ADMIN: Capability = (12, "CAP_NET_ADMIN");
+/// The ptrace access check on another user's or container's /proc/PID/maps, /root, /exe.
+pub const SYS_PTRACE: Capability = (19, "CAP_SYS_PTRACE");
+/// Reading and searching files whatever their mode (other containers' root filesystems).
+pub const DAC_READ_SEARCH: Capability = (2, "CAP_DAC_READ_SEARCH");
+/// All of the above where the others are unknown; setns(); uprobes from Linux 6.16.
+pub const SYS_ADMIN: Capability = (21, "CAP_SYS_ADMIN");
 
 /// Fails with a clear message when not running with enough privilege to load the probes:
 /// CAP_BPF with CAP_PERFMON (Linux 5.8+), or CAP_SYS_ADMIN, which allows both on every kernel.
 /// The capabilities, not uid 0: root in a container has only those the container adds.
 pub fn require_privilege() -> anyhow::Result<()> {
     let caps = effective_capabilities();
-    let has = |cap: u32| caps & (1 << cap) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+    let has = |cap| holds(caps, cap);
+    if has(SYS_ADMIN) || (has(BPF) && has(PERFMON)) {
         return Ok(());
     }
     if unsafe { libc::geteuid() } != 0 {
@@ -420,9 +429,9 @@ pub fn require_privilege() -> anyhow::Result<()> {
              programs: run it with sudo"
         );
     }
-    let missing: Vec<_> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+    let missing: Vec<_> = [BPF, PERFMON]
         .into_iter()
-        .filter(|&(cap, _)| !has(cap))
+        .filter(|&cap| !has(cap))
         .map(|(_, name)| name)
         .collect();
     bail!(
@@ -440,10 +449,10 @@ fn explain_tc_error(error: anyhow::Error, scope: &Scope) -> anyhow::Error {
         return error;
     }
     let caps = effective_capabilities();
-    if caps & (1 << CAP_NET_ADMIN) == 0 {
+    if !holds(caps, NET_ADMIN) {
         return error.context("tc needs CAP_NET_ADMIN");
     }
-    if caps & (1 << CAP_SYS_ADMIN) == 0 && !scope.netns.is_empty() {
+    if !holds(caps, SYS_ADMIN) && !scope.netns.is_empty() {
         return error.context(
             "tc inside other network namespaces needs CAP_SYS_ADMIN (setns); the host's own \
              interfaces do not",
@@ -457,8 +466,7 @@ fn explain_tc_error(error: anyhow::Error, scope: &Scope) -> anyhow::Error {
 /// CAP_SYS_ADMIN for uprobes", also in stable kernels that took the fix). Every later uprobe
 /// fails the same way, so callers say it once.
 pub fn uprobe_needs_sys_admin(error: &anyhow::Error) -> bool {
-    effective_capabilities() & (1 << CAP_SYS_ADMIN) == 0
-        && format!("{error:#}").contains("Permission denied")
+    lacks(SYS_ADMIN) && format!("{error:#}").contains("Permission denied")
 }
 
 /// Says why a uprobe attach was refused when CAP_SYS_ADMIN is what is missing.
@@ -468,13 +476,6 @@ pub fn explain_uprobe_error(error: anyhow::Error) -> anyhow::Error {
     }
     error
 }
-
-/// A capability by number (linux/capability.h) and name.
-pub type Capability = (u32, &'static str);
-/// The ptrace access check on another user's or container's /proc/PID/maps, /root, /exe.
-pub const SYS_PTRACE: Capability = (19, "CAP_SYS_PTRACE");
-/// Reading and searching files whatever their mode (other containers' root filesystems).
-pub const DAC_READ_SEARCH: Capability = (2, "CAP_DAC_READ_SEARCH");
 
 /// Why the kernel refused the agent a look into another process (its /proc/PID entries, or a
 /// file through /proc/PID/root): the capabilities of `needed` that the agent lacks; or, having
@@ -493,8 +494,13 @@ pub fn explain_access_denied(needed: &[Capability]) -> String {
 }
 
 /// Whether `cap` is missing from the effective set.
-pub fn lacks((cap, _): Capability) -> bool {
-    effective_capabilities() & (1 << cap) == 0
+pub fn lacks(cap: Capability) -> bool {
+    !holds(effective_capabilities(), cap)
+}
+
+/// Whether the capability set `caps` (as [`effective_capabilities`] gives it) holds `cap`.
+pub fn holds(caps: u64, (number, _): Capability) -> bool {
+    caps & (1 << number) != 0
 }
 
 /// The effective capability set (bit N: capability N), read from /proc so no capability crate
